@@ -181,7 +181,9 @@ def _coerce(f: dataclasses.Field, value: Any, recipe: str | None) -> Any:
         value = tuple(value)
     default = f.default if f.default is not dataclasses.MISSING else None
     if isinstance(default, bool) and not isinstance(value, bool):
-        raise UserError(f"setting {f.name!r} must be true or false, got {value!r}" + (f" in {recipe}" if recipe else ""))
+        raise UserError(
+            f"setting {f.name!r} must be true or false, got {value!r}" + (f" in {recipe}" if recipe else "")
+        )
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
