@@ -37,6 +37,7 @@ class CommonConfig:
     val_fraction: float = 0.0
     shots: int | None = None
     max_per_class: int | None = None
+    test_max_per_class: int | None = None
     skip_bad_images: bool = False
     normalize: bool | None = None  # None: the backbone family's default (CLIP: on)
     pool: str | None = None  # MAE: "cls" or "mean"
@@ -88,6 +89,7 @@ class FinetuneConfig(CommonConfig):
     batch_size: int = 64
     layer_decay: float | None = None
     drop_path: float = 0.0
+    image_size: int | None = None  # None: the weights' own input size
     grad_accum: int = 1
     grad_clip: float | None = None
     mixed_precision: str | None = None  # no | fp16 | bf16; None: accelerate's config
@@ -104,6 +106,20 @@ class FinetuneConfig(CommonConfig):
     max_steps: int | None = None
     resume: str | None = None
     baseline: str | None = None
+
+
+@dataclass(frozen=True)
+class StudyConfig(ProbeConfig):
+    """``mr2ft study``: ERM vs the matched uniform-margin control vs MR2, each over several seeds.
+
+    Every probe setting applies to all three methods; the study itself always tunes weight decay (``wd_grid``) and
+    the knob (``cbar_grid``: ERM's temperature, the control's and MR2's c_bar) on validation, so the ``loss`` and
+    ``sweep_*`` settings are replaced per method.
+    """
+
+    mode: str = "probe"  # probe | finetune
+    seeds: int = 3
+    n_boot: int = 1000
 
 
 def recipe_names() -> list[str]:
@@ -222,6 +238,7 @@ __all__ = [
     "CommonConfig",
     "ProbeConfig",
     "FinetuneConfig",
+    "StudyConfig",
     "build_config",
     "dump_config",
     "load_recipe",
