@@ -61,6 +61,276 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 # ---- commands -------------------------------------------------------------------------------------------------
 
 
+def _grid(text: str | None) -> tuple[float, ...] | None:
+    """Parse a comma-separated grid of numbers."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"a grid must be comma-separated numbers, got {text!r}") from None
+
+
+@app.command("probe")
+@user_errors
+def probe_command(
+    backbone: str | None = typer.Option(None, "--backbone", help="Backbone family: clip, mae, mocov2 or timm."),
+    model: str | None = typer.Option(None, "--model", help="Architecture (e.g. ViT-B-16, vit_base_patch16_224)."),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Pretrained tag, hub id, local file or folder; 'none' for random weights."
+    ),
+    dataset: str | None = typer.Option(None, "--dataset", help="Folder, CSV, hf:NAME[:CONFIG], or a known name."),
+    image_column: str | None = typer.Option(None, "--image-column", help="Image column of an hf: dataset."),
+    label_column: str | None = typer.Option(None, "--label-column", help="Label column of an hf: dataset."),
+    val_fraction: float | None = typer.Option(None, "--val-fraction", help="Share of train held out for choices."),
+    shots: int | None = typer.Option(None, "--shots", help="Exactly K training images per class."),
+    max_per_class: int | None = typer.Option(None, "--max-per-class", help="At most N training images per class."),
+    test_max_per_class: int | None = typer.Option(
+        None, "--test-max-per-class", help="At most N test images per class (a quicker, balanced test)."
+    ),
+    skip_bad_images: bool | None = typer.Option(
+        None, "--skip-bad-images/--no-skip-bad-images", help="Skip (and count) corrupt images instead of stopping."
+    ),
+    normalize: bool | None = typer.Option(
+        None, "--normalize/--no-normalize", help="L2-normalise features (CLIP's default is on)."
+    ),
+    pool: str | None = typer.Option(None, "--pool", help="ViT pooling: cls or mean."),
+    loss: str | None = typer.Option(None, "--loss", help="ce, mr2, uniform, focal, ldam, la, dro, jtt or lff."),
+    c_bar: float | None = typer.Option(None, "--c-bar", help="MR2's average margin."),
+    p: float | None = typer.Option(None, "--p", help="Norm of MR2's class statistics (default 2; 5 when normalised)."),
+    margin_mode: str | None = typer.Option(None, "--margin-mode", help="scale (default) or additive."),
+    head: str | None = typer.Option(None, "--head", help="linear, bn_linear (MAE protocol) or zeroshot (CLIP)."),
+    optimizer: str | None = typer.Option(None, "--optimizer", help="adamw or sgd."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs over the cached features."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size of the head's training."),
+    warmup_epochs: float | None = typer.Option(None, "--warmup-epochs", help="Linear warm-up, then cosine."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of every random choice."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="Image decoding workers."),
+    extract_batch_size: int | None = typer.Option(None, "--extract-batch-size", help="Batch of the feature pass."),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Feature cache folder (default ~/.cache/mr2ft)."),
+    sweep_wd: bool | None = typer.Option(None, "--sweep-wd/--no-sweep-wd", help="Choose weight decay on validation."),
+    wd_grid: str | None = typer.Option(None, "--wd-grid", help="Comma-separated weight decays for --sweep-wd."),
+    sweep_cbar: bool | None = typer.Option(None, "--sweep-cbar/--no-sweep-cbar", help="Choose c_bar on validation."),
+    sweep_temperature: bool | None = typer.Option(
+        None, "--sweep-temperature/--no-sweep-temperature", help="Choose CE's global temperature on validation."
+    ),
+    cbar_grid: str | None = typer.Option(None, "--cbar-grid", help="Comma-separated c_bar / temperature grid."),
+    sweep_criterion: str | None = typer.Option(None, "--sweep-criterion", help="overall or hard (group accuracy)."),
+    jtt_upweight: float | None = typer.Option(None, "--jtt-upweight", help="JTT's upweight of ERM errors."),
+    baseline: str | None = typer.Option(None, "--baseline", help="A run whose per-class accuracy fixes the groups."),
+    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/<backbone>-<dataset>-<loss>-<time>)."),
+    overwrite: bool | None = typer.Option(None, "--overwrite", help="Replace an existing run folder."),
+    recipe: str | None = typer.Option(None, "--recipe", help="Recipe name or YAML path; flags override it."),
+) -> None:
+    """Linear probe on cached features of a frozen backbone, with MR2 or any baseline loss."""
+    from mr2ft import probe
+    from mr2ft.config import ProbeConfig, build_config
+
+    values = dict(locals())
+    values.pop("recipe")
+    values.pop("probe", None)
+    values.pop("ProbeConfig", None)
+    values.pop("build_config", None)
+    values["wd_grid"] = _grid(wd_grid)
+    values["cbar_grid"] = _grid(cbar_grid)
+    cfg = build_config(ProbeConfig, recipe, **values)
+    probe.run(cfg)
+
+
+@app.command("finetune")
+@user_errors
+def finetune_command(
+    backbone: str | None = typer.Option(None, "--backbone", help="Backbone family: clip, mae, mocov2 or timm."),
+    model: str | None = typer.Option(None, "--model", help="Architecture (e.g. ViT-B-16, vit_base_patch16_224)."),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Pretrained tag, hub id, local file or folder; 'none' for random weights."
+    ),
+    dataset: str | None = typer.Option(None, "--dataset", help="Folder, CSV, hf:NAME[:CONFIG], or a known name."),
+    image_column: str | None = typer.Option(None, "--image-column", help="Image column of an hf: dataset."),
+    label_column: str | None = typer.Option(None, "--label-column", help="Label column of an hf: dataset."),
+    val_fraction: float | None = typer.Option(
+        None, "--val-fraction", help="Share of train held out to pick the best epoch (default: none, use test)."
+    ),
+    shots: int | None = typer.Option(None, "--shots", help="Exactly K training images per class."),
+    max_per_class: int | None = typer.Option(None, "--max-per-class", help="At most N training images per class."),
+    skip_bad_images: bool | None = typer.Option(
+        None, "--skip-bad-images/--no-skip-bad-images", help="Skip (and count) corrupt images instead of stopping."
+    ),
+    normalize: bool | None = typer.Option(
+        None, "--normalize/--no-normalize", help="L2-normalise features (CLIP's default is on)."
+    ),
+    pool: str | None = typer.Option(None, "--pool", help="ViT pooling: cls or mean."),
+    loss: str | None = typer.Option(None, "--loss", help="ce, mr2, uniform, focal, ldam, la or dro."),
+    c_bar: float | None = typer.Option(None, "--c-bar", help="MR2's average margin."),
+    lambda_rep: float | None = typer.Option(None, "--lambda-rep", help="Weight of MR2's representation margin."),
+    p: float | None = typer.Option(None, "--p", help="Norm of MR2's class statistics (default 2; 5 when normalised)."),
+    momentum: float | None = typer.Option(None, "--momentum", help="EMA momentum of MR2's class statistics."),
+    margin_mode: str | None = typer.Option(None, "--margin-mode", help="scale (default) or additive."),
+    temperature_factor: float | None = typer.Option(
+        None, "--temperature-factor", help="MR2's representation-margin temperature factor."
+    ),
+    head: str | None = typer.Option(None, "--head", help="linear, or zeroshot (CLIP: head from text prompts)."),
+    optimizer: str | None = typer.Option(None, "--optimizer", help="adamw or sgd."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (not scaled by batch size)."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay (never on norms, biases)."),
+    layer_decay: float | None = typer.Option(None, "--layer-decay", help="Layer-wise lr decay for ViTs (e.g. 0.65)."),
+    drop_path: float | None = typer.Option(None, "--drop-path", help="Stochastic depth rate."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Input size (default: the weights' own)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs over the training split."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size per process."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
+    grad_clip: float | None = typer.Option(None, "--grad-clip", help="Clip the gradient norm to this value."),
+    warmup_epochs: float | None = typer.Option(None, "--warmup-epochs", help="Linear warm-up, then cosine."),
+    warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="Warm-up in steps (overrides epochs)."),
+    mixed_precision: str | None = typer.Option(
+        None, "--mixed-precision", help="no, bf16 or fp16 (CUDA); default: accelerate's config."
+    ),
+    randaugment: str | None = typer.Option(None, "--randaugment", help="timm RandAugment, e.g. rand-m9-mstd0.5."),
+    mixup: float | None = typer.Option(None, "--mixup", help="Mixup alpha (ce only)."),
+    cutmix: float | None = typer.Option(None, "--cutmix", help="CutMix alpha (ce only)."),
+    label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="Label smoothing (ce only)."),
+    samples_per_class: int | None = typer.Option(
+        None, "--samples-per-class", help="Class-balanced batches with M samples of each drawn class."
+    ),
+    wise_alpha: float | None = typer.Option(
+        None, "--wise-alpha", help="WiSE-FT: evaluate (1-A) zero-shot + A fine-tuned weights (needs --head zeroshot)."
+    ),
+    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps."),
+    eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate (and checkpoint) every N epochs."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimizer steps (same schedule)."),
+    resume: str | None = typer.Option(
+        None, "--resume", help="Continue a run: its folder (latest checkpoint) or one checkpoints/ckpt-* folder."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of every random choice."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="Image decoding workers per process."),
+    baseline: str | None = typer.Option(None, "--baseline", help="A run whose per-class accuracy fixes the groups."),
+    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/<backbone>-<dataset>-<loss>-<time>)."),
+    overwrite: bool | None = typer.Option(None, "--overwrite", help="Replace an existing run folder."),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="Recipe name or YAML path; flags override it (with --resume: the run's config.yaml)."
+    ),
+) -> None:
+    """Fine-tune a backbone end to end (one process, or many under `accelerate launch -m mr2ft finetune`)."""
+    values = dict(locals())
+    from mr2ft import finetune
+    from mr2ft.config import FinetuneConfig, build_config
+
+    recipe = values.pop("recipe")
+    if resume and recipe is None:
+        # Resuming repeats the run's own settings; flags typed now override them (and are checked for conflicts).
+        values = {**finetune.resume_settings(resume), **{k: v for k, v in values.items() if v is not None}}
+    cfg = build_config(FinetuneConfig, recipe, **values)
+    finetune.run(cfg)
+
+
+@app.command("report")
+@user_errors
+def report_command(
+    run: str = typer.Argument(..., help="A finished run folder (written by probe or finetune)."),
+    baseline: str | None = typer.Option(
+        None, "--baseline", help="A baseline run on the same data: fixes the easy/medium/hard groups and the deltas."
+    ),
+    formats: str = typer.Option("json,csv,md,html", "--format", help="Comma-separated: json,csv,md,html."),
+) -> None:
+    """Write the per-class report (report.json, per_class.csv, report.md, report.html) into RUN."""
+    from mr2ft.report import headline, write_report
+
+    result = write_report(run, baseline, formats)
+    typer.echo(headline(result))
+    typer.echo(result["grouping"]["rule"])
+    for path in result["files"]:
+        typer.echo(f"wrote {path}")
+
+
+@app.command("compare")
+@user_errors
+def compare_command(
+    runs: list[str] = typer.Argument(..., help="Run folders tested on the same test set."),
+    baseline: str | None = typer.Option(
+        None, "--baseline", help="Reference run that fixes the groups and the deltas (default: the first run)."
+    ),
+    out: str | None = typer.Option(None, "--out", help="Also write compare.md and compare.csv into this folder."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=1, help="Paired bootstrap resamples for the intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
+) -> None:
+    """Put many runs into the paper's table (overall, easy, medium, hard, worst class, std) with bootstrap intervals."""
+    from rich.console import Console
+
+    from mr2ft.report import compare_runs, compare_table, write_compare
+
+    result = compare_runs(runs, baseline, n_boot=n_boot, seed=seed)
+    Console().print(compare_table(result))
+    if out is not None:
+        for path in write_compare(result, out):
+            typer.echo(f"wrote {path}")
+
+
+@app.command("study")
+@user_errors
+def study_command(
+    backbone: str | None = typer.Option(None, "--backbone", help="Backbone family: clip, mae, mocov2 or timm."),
+    model: str | None = typer.Option(None, "--model", help="Architecture (e.g. ViT-B-16, vit_base_patch16_224)."),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Pretrained tag, hub id, local file or folder; 'none' for random weights."
+    ),
+    dataset: str | None = typer.Option(None, "--dataset", help="Folder, CSV, hf:NAME[:CONFIG], or a known name."),
+    image_column: str | None = typer.Option(None, "--image-column", help="Image column of an hf: dataset."),
+    label_column: str | None = typer.Option(None, "--label-column", help="Label column of an hf: dataset."),
+    mode: str | None = typer.Option(None, "--mode", help="probe (heads on cached features) or finetune (end to end)."),
+    seeds: int | None = typer.Option(None, "--seeds", help="Training seeds per method (default 3)."),
+    n_boot: int | None = typer.Option(None, "--n-boot", help="Paired bootstrap resamples for the intervals."),
+    val_fraction: float | None = typer.Option(
+        None, "--val-fraction", help="Share of train held out for the choices (probe: default 0.2)."
+    ),
+    shots: int | None = typer.Option(None, "--shots", help="Exactly K training images per class."),
+    max_per_class: int | None = typer.Option(None, "--max-per-class", help="At most N training images per class."),
+    test_max_per_class: int | None = typer.Option(
+        None, "--test-max-per-class", help="At most N test images per class (a quicker, balanced test)."
+    ),
+    skip_bad_images: bool | None = typer.Option(
+        None, "--skip-bad-images/--no-skip-bad-images", help="Skip (and count) corrupt images instead of stopping."
+    ),
+    normalize: bool | None = typer.Option(
+        None, "--normalize/--no-normalize", help="L2-normalise features (CLIP's default is on)."
+    ),
+    pool: str | None = typer.Option(None, "--pool", help="ViT pooling: cls or mean."),
+    c_bar: float | None = typer.Option(None, "--c-bar", help="finetune mode: the control's and MR2's c_bar."),
+    p: float | None = typer.Option(None, "--p", help="Norm of MR2's class statistics (default 2; 5 when normalised)."),
+    margin_mode: str | None = typer.Option(None, "--margin-mode", help="scale (default) or additive."),
+    head: str | None = typer.Option(None, "--head", help="linear, bn_linear (MAE probe protocol) or zeroshot (CLIP)."),
+    optimizer: str | None = typer.Option(None, "--optimizer", help="adamw or sgd."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs of each fit."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size of each fit."),
+    warmup_epochs: float | None = typer.Option(None, "--warmup-epochs", help="Linear warm-up, then cosine."),
+    seed: int | None = typer.Option(None, "--seed", help="First training seed, and the validation split's seed."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="Image decoding workers."),
+    extract_batch_size: int | None = typer.Option(None, "--extract-batch-size", help="Batch of the feature pass."),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Feature cache folder (default ~/.cache/mr2ft)."),
+    wd_grid: str | None = typer.Option(None, "--wd-grid", help="Comma-separated weight decays tried on validation."),
+    cbar_grid: str | None = typer.Option(
+        None, "--cbar-grid", help="Comma-separated grid of MR2's and the control's c_bar (and ERM's temperature)."
+    ),
+    sweep_criterion: str | None = typer.Option(None, "--sweep-criterion", help="overall or hard (group accuracy)."),
+    out: str | None = typer.Option(None, "--out", help="Study folder (default runs/<backbone>-<dataset>-study-TIME)."),
+    overwrite: bool | None = typer.Option(None, "--overwrite", help="Replace an existing study folder."),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="Recipe name or YAML path (probe settings; a fine-tune recipe with --mode finetune)."
+    ),
+) -> None:
+    """ERM vs a matched uniform-margin control vs MR2 over seeds: the table, bootstrap intervals and a verdict."""
+    values = dict(locals())
+    from mr2ft.study import run_study, study_configs
+
+    recipe = values.pop("recipe")
+    values["wd_grid"] = _grid(wd_grid)
+    values["cbar_grid"] = _grid(cbar_grid)
+    cfg, finetune_cfg = study_configs(recipe, **values)
+    run_study(cfg, finetune_cfg=finetune_cfg)
+
+
 def run() -> None:  # pragma: no cover - console entry used by ``python -m mr2ft``
     app(prog_name="mr2ft")
 
