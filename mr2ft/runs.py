@@ -97,7 +97,9 @@ def save_classes(run_dir: Path, class_names: Sequence[str], **info: object) -> N
 
 def save_class_stats(run_dir: Path, stats: dict[str, torch.Tensor]) -> None:
     """Save per-class statistics (M, S, S2, gamma, seen) for the report's spread and margin columns."""
-    save_tensors(run_dir / CLASS_STATS, {k: v.float() if k != "seen" else v.to(torch.uint8) for k, v in stats.items()})
+    # clone: safetensors refuses two keys that share memory (S and S2 are the same tensor when p = 2)
+    tensors = {k: (v.float() if k != "seen" else v.to(torch.uint8)).clone() for k, v in stats.items()}
+    save_tensors(run_dir / CLASS_STATS, tensors)
 
 
 def load_run(run_dir: str | Path) -> dict:
