@@ -41,6 +41,7 @@ class CommonConfig:
     skip_bad_images: bool = False
     normalize: bool | None = None  # None: the backbone family's default (CLIP: on)
     pool: str | None = None  # MAE: "cls" or "mean"
+    image_size: int | None = None  # None: the weights' own input size
     loss: str = "ce"
     c_bar: float = 1.0
     lambda_rep: float = 0.1
@@ -89,7 +90,6 @@ class FinetuneConfig(CommonConfig):
     batch_size: int = 64
     layer_decay: float | None = None
     drop_path: float = 0.0
-    image_size: int | None = None  # None: the weights' own input size
     grad_accum: int = 1
     grad_clip: float | None = None
     mixed_precision: str | None = None  # no | fp16 | bf16; None: accelerate's config
@@ -120,6 +120,10 @@ class StudyConfig(ProbeConfig):
     mode: str = "probe"  # probe | finetune
     seeds: int = 3
     n_boot: int = 1000
+
+
+# The ``command:`` a recipe may carry, per config class (a study runs probes, so it takes probe recipes too).
+RECIPE_COMMANDS = {"ProbeConfig": ("probe",), "FinetuneConfig": ("finetune",), "StudyConfig": ("study", "probe")}
 
 
 def recipe_names() -> list[str]:
@@ -173,11 +177,18 @@ def build_config(cls: type[T], recipe: str | None = None, **overrides: Any) -> T
     known = {f.name: f for f in fields(cls)}
     if recipe:
         data = load_recipe(recipe)
-        data.pop("command", None)
+        command = data.pop("command", None)
         data.pop("description", None)
         for key, value in data.items():
             key_ = key.replace("-", "_")
             if key_ not in known:
+                wanted = RECIPE_COMMANDS.get(cls.__name__)
+                if wanted and isinstance(command, str) and command not in wanted:
+                    # a recipe for another job: "did you mean" a similar setting would mislead
+                    raise UserError(
+                        f"recipe {recipe} is a {command} recipe (its setting {key!r} means nothing here); pass a "
+                        f"{wanted[0]} recipe (`mr2ft recipes list` shows each one's command)"
+                    )
                 close = difflib.get_close_matches(key_, list(known), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise UserError(f"recipe {recipe} has unknown setting {key!r}{hint}; remove or rename it")

@@ -136,13 +136,3 @@ class FeatureCache:
         }
         save_tensors(path, {"features": features.float().contiguous(), "targets": targets.long()}, metadata=meta)
         return path
-
-
-def state_checksum(module: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer, to prove a frozen backbone stayed frozen."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        t = t.detach().cpu().contiguous()
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

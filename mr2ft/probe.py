@@ -22,9 +22,9 @@ from rich.table import Table
 from mr2ft import metrics
 from mr2ft.config import ProbeConfig, dump_config, replace, to_dict
 from mr2ft.errors import UserError
-from mr2ft.features import FeatureCache, cache_key, extract_features, state_checksum
+from mr2ft.features import FeatureCache, cache_key, extract_features
 from mr2ft.heads import HEADS, LinearHead, build_head
-from mr2ft.io import append_jsonl
+from mr2ft.io import append_jsonl, state_checksum
 from mr2ft.losses import LOSSES, USES_FEATURES, build_loss
 from mr2ft.runs import (
     HEAD,
@@ -81,7 +81,9 @@ def validate(cfg: ProbeConfig) -> None:
         raise UserError(f"unknown head {cfg.head!r}; choose one of: {', '.join(HEADS)}")
     for name in ("lr", "epochs", "batch_size", "extract_batch_size"):
         if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+            raise UserError(
+                f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}; pass a value above 0"
+            )
     if cfg.weight_decay < 0:
         raise UserError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     if not 0.0 <= cfg.val_fraction < 1.0:
@@ -356,7 +358,8 @@ def choose(
             s = score(predict(head, val.x), val.y, num_classes, hard)
             rec = {"stage": "sweep", "weight_decay": wd, "knob": knob, **{f"val_{k}": v for k, v in s.items()}}
             records.append(rec)
-            append_jsonl(log_to, rec)
+            if log_to is not None:
+                append_jsonl(log_to, rec)
             key = (s[cfg.sweep_criterion], s["overall"])
             if best_key is None or key > best_key:
                 best, best_key = (wd, knob), key
@@ -438,7 +441,7 @@ def prepare(cfg: ProbeConfig, console: Console, need_val: bool | None = None) ->
     from mr2ft.backbones import load_backbone
     from mr2ft.data import load_dataset
 
-    options = {"normalize": cfg.normalize, "pool": cfg.pool}
+    options = {"normalize": cfg.normalize, "pool": cfg.pool, "image_size": cfg.image_size}
     bb = load_backbone(
         cfg.backbone, model=cfg.model, weights=cfg.weights, **{k: v for k, v in options.items() if v is not None}
     )
@@ -563,15 +566,24 @@ def run(cfg: ProbeConfig, console: Console | None = None) -> Path:
     console = console or Console(stderr=True)
     validate(cfg)
     out_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.backbone, cfg.dataset, cfg.loss)
-    check_run_dir(out_dir, overwrite=cfg.overwrite)
-    if cfg.baseline:
-        load_run(cfg.baseline)  # fail now, not after the work, if the baseline is unusable
+    check_run_dir(out_dir, overwrite=cfg.overwrite, resumable=False)
+    baseline = load_run(cfg.baseline) if cfg.baseline else None  # fail now, not after the work
     data = prepare(cfg, console)
-    with run_folder(out_dir, overwrite=cfg.overwrite) as run_dir:
+    if baseline is not None and list(baseline["class_names"]) != list(data.splits.class_names):
+        raise UserError(
+            f"baseline {cfg.baseline} was run on other classes ({_names(baseline['class_names'])}) than "
+            f"{data.splits.name} ({_names(data.splits.class_names)}); pass a baseline run on the same dataset"
+        )
+    with run_folder(out_dir, overwrite=cfg.overwrite, resumable=False) as run_dir:
         result = fit_probe(cfg, data, run_dir / METRICS, console=console)
         report = write_probe_run(cfg, data, result, run_dir)
     print_summary(console, report, run_dir, cfg.loss)
     return run_dir
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    more = ", ..." if len(names) > shown else ""
+    return f"{len(names)}: {', '.join(names[:shown])}{more}"
 
 
 def print_summary(console: Console, report: dict, run_dir: Path, loss: str) -> None:

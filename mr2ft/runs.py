@@ -14,6 +14,7 @@ Layout (shared by ``mr2ft probe`` and ``mr2ft finetune``; read by ``mr2ft report
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import time
@@ -40,28 +41,38 @@ def default_run_dir(backbone: str, dataset: str, loss: str, root: str = "runs") 
     return Path(root) / f"{backbone}-{name}-{loss}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_run_dir(path: Path, overwrite: bool = False, resume: bool = False) -> None:
-    """Refuse to write into a folder that already holds a run, unless the user said so."""
+def check_run_dir(path: Path, overwrite: bool = False, resume: bool = False, resumable: bool = True) -> None:
+    """Refuse to write into a folder that already holds a run, unless the user said so.
+
+    Args:
+        resumable: whether the command has ``--resume`` (only then does the message offer it).
+    """
     if path.exists() and not path.is_dir():
         raise UserError(f"output path {path} exists and is not a folder; choose another --out")
     if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
         raise UserError(
             f"output folder {path} already exists and is not empty; pass --overwrite to replace it, "
-            "--resume to continue it, or choose another --out"
+            + ("--resume to continue it, " if resumable else "")
+            + "or choose another --out"
         )
 
 
 @contextlib.contextmanager
-def run_folder(path: Path, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+def run_folder(path: Path, overwrite: bool = False, resume: bool = False, resumable: bool = True) -> Iterator[Path]:
     """Create the run folder for the duration of a job.
 
     If the job fails, a folder this call created is removed again, unless it already holds a checkpoint
-    (which the user can resume from): a failed run never leaves a half-written folder behind.
+    (which the user can resume from): a failed run never leaves a half-written folder behind. With ``overwrite``
+    the old folder is moved aside first and only deleted once the new run has finished; if the new run fails, the
+    old folder is put back.
     """
-    check_run_dir(path, overwrite, resume)
-    created = not path.exists() or (overwrite and not resume)
+    check_run_dir(path, overwrite, resume, resumable)
+    backup = None
     if overwrite and not resume and path.exists():
-        shutil.rmtree(path)
+        backup = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(path, backup)
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     try:
         yield path
@@ -70,7 +81,11 @@ def run_folder(path: Path, overwrite: bool = False, resume: bool = False) -> Ite
         has_checkpoint = ckpts.is_dir() and any(ckpts.iterdir())
         if created and not has_checkpoint:
             shutil.rmtree(path, ignore_errors=True)
+            if backup is not None:
+                os.replace(backup, path)
         raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def save_predictions(run_dir: Path, targets: torch.Tensor, logits_or_topk: torch.Tensor, num_classes: int) -> None:

@@ -244,3 +244,22 @@ def test_existing_output_folder_is_refused(images, cache, tmp_path):
     result = probe("--dataset", str(images), "--cache-dir", str(cache), "--out", str(out))
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_succeeds(images, cache, tmp_path):
+    out = tmp_path / "run"
+    ok(probe("--dataset", str(images), "--cache-dir", str(cache), "--out", str(out)))
+    before = (out / "report.json").read_text()
+    # a failing replacement (a baseline of other classes) leaves the old run as it was
+    other = make_image_folder(tmp_path / "other", num_classes=3, per_class=4, size=32)
+    base = tmp_path / "base"
+    ok(probe("--dataset", str(other), "--cache-dir", str(cache), "--out", str(base)))
+    bad = probe(
+        "--dataset", str(images), "--cache-dir", str(cache), "--out", str(out), "--overwrite", "--baseline", str(base)
+    )
+    assert bad.exit_code == 2
+    assert (out / "report.json").read_text() == before
+    assert not list(tmp_path.glob(".run.replaced-*"))
+    ok(probe("--dataset", str(images), "--cache-dir", str(cache), "--out", str(out), "--overwrite", "--loss", "mr2"))
+    assert json.loads((out / "classes.json").read_text())["loss"] == "mr2"
+    assert not list(tmp_path.glob(".run.replaced-*"))

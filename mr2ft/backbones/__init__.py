@@ -17,6 +17,8 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from mr2ft.backbones import clip as _clip
 from mr2ft.backbones import mae as _mae
 from mr2ft.backbones import moco as _moco
@@ -31,6 +33,7 @@ FAMILIES: dict[str, Callable[[str | None, str | None, dict[str, Any]], Backbone]
     "mocov2": _moco.load,
     "timm": _timm.load,
 }
+RANDOM_INIT_SEED = 0  # the seed of ``weights="none"``: one fixed random model per architecture
 ALIASES = {"moco": "mocov2", "moco_v2": "mocov2", "moco-v2": "mocov2", "openclip": "clip", "open_clip": "clip"}
 
 
@@ -47,7 +50,7 @@ def load_backbone(family: str, model: str | None = None, weights: str | None = N
         model: the architecture; family default when None (clip: ViT-B-16, mae: vit_base_patch16_224,
             mocov2: resnet50; timm requires one).
         weights: None for the family's default pretrained source, a pretrained tag/hub id, a local file or
-            folder, or "none" for random weights.
+            folder, or "none" for random weights (always the same ones: the init is seeded).
         **options: ``normalize`` (bool), ``pool`` ("cls"/"mean"), ``image_size`` (int), ``drop_path_rate``
             (float), ``cache_dir`` (str); options set to None are ignored.
 
@@ -65,6 +68,12 @@ def load_backbone(family: str, model: str | None = None, weights: str | None = N
         raise UserError(f"unknown backbone family {family!r}{hint}; valid families are: {', '.join(list_backbones())}")
     if weights is not None:
         weights = str(weights)
+    if weights == "none":
+        # Random weights are fingerprinted as "random", so they must be the same weights every time (a cached
+        # feature file or a rerun would otherwise silently belong to another model); the caller's RNG is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return FAMILIES[key](model, weights, options)
     return FAMILIES[key](model, weights, options)
 
 

@@ -379,8 +379,16 @@ def _is_token(name: str) -> bool:
 
 
 def finish(bb: Backbone) -> Backbone:
-    """Put the model in eval mode and log what was loaded (source and preprocessing)."""
+    """Put the model in eval mode and log what was loaded (source and preprocessing).
+
+    Random weights differ from one initialisation to the next, so their fingerprint (the feature-cache key) also
+    hashes the initialised tensors: two random models never share cached features.
+    """
     bb.model.eval()
+    if bb.source.startswith("random"):
+        from mr2ft.io import state_checksum
+
+        bb.fingerprint = make_fingerprint(base=bb.fingerprint, tensors=state_checksum(bb.model))
     p = bb.preprocess
     logger.info(
         "backbone %s %s: weights from %s; %d-d features%s; preprocess %d px (resize %d, crop %.3f, %s), "
@@ -452,8 +460,10 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             "save just the state dict (torch.save(model.state_dict(), path)) or use safetensors"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        # torch's reasons run to several sentences and lines; the error must stay one line
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
         raise UserError(
-            f"weights file {p} cannot be read as a PyTorch checkpoint ({e.__class__.__name__}: {str(e)[:200]}); "
+            f"weights file {p} cannot be read as a PyTorch checkpoint ({e.__class__.__name__}: {reason}); "
             "is it complete and a .pth/.pt/.bin/.safetensors file?"
         ) from None
 
