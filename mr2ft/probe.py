@@ -7,9 +7,11 @@ evaluates once on test and writes the run folder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +136,7 @@ def make_loss(cfg: ProbeConfig, name: str, train: Features, num_classes: int, no
     return loss
 
 
-def fit_head(
+def _fit_head(
     cfg: ProbeConfig,
     train: Features,
     num_classes: int,
@@ -193,6 +195,39 @@ def fit_head(
     return head
 
 
+@contextlib.contextmanager
+def _threads_for(batch: int, dim: int, num_classes: int) -> Iterator[None]:
+    """One intra-op thread for small head steps on the CPU.
+
+    A probe step on a few hundred features is microseconds of arithmetic; with several threads the synchronisation
+    dominates it, and on a loaded machine a step gets 10-25x slower. Large steps keep every thread.
+    """
+    small = batch * dim * max(num_classes, 8) < 2**24 and not torch.cuda.is_available()
+    before = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_head(cfg: ProbeConfig, train: Features, num_classes: int, loss: torch.nn.Module, **kwargs) -> LinearHead:
+    """Train a head on fixed features with minibatch AdamW/SGD, linear warm-up then cosine per step.
+
+    Keyword arguments: ``weight_decay``, ``seed``, ``sample_weight``, ``init`` / ``init_scale`` (zero-shot weights),
+    ``epochs``, ``log_to`` (metrics.jsonl) and ``tag``.
+    """
+    with _threads_for(min(cfg.batch_size, len(train.y)), train.x.shape[1], num_classes):
+        return _fit_head(cfg, train, num_classes, loss, **kwargs)
+
+
+def fit_lff(cfg: ProbeConfig, train: Features, num_classes: int, **kwargs) -> LinearHead:
+    """Learning from Failure (Nam et al. 2020) on fixed features; see :func:`_fit_lff`."""
+    with _threads_for(min(cfg.batch_size, len(train.y)), train.x.shape[1], num_classes):
+        return _fit_lff(cfg, train, num_classes, **kwargs)
+
+
 @torch.no_grad()
 def predict(head: LinearHead, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
     """Logits of a head over features, in eval mode."""
@@ -206,7 +241,7 @@ def _gce(logits: torch.Tensor, y: torch.Tensor, q: float) -> torch.Tensor:
     return (1.0 - p.pow(q)) / q
 
 
-def fit_lff(
+def _fit_lff(
     cfg: ProbeConfig, train: Features, num_classes: int, *, weight_decay: float, seed: int, log_to: Path | None = None
 ) -> LinearHead:
     """Learning from Failure (Nam et al. 2020) on fixed features: a biased head (GCE) and a debiased head trained
