@@ -36,7 +36,8 @@ def main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
 ) -> None:
     """mr2ft: MR2 margin regularization for fine-tuning and probing vision backbones."""
-    DEBUG["on"] = DEBUG["on"] or debug
+    # Set on every invocation: an earlier --debug call in the same process (tests, notebooks) must not stick.
+    DEBUG["on"] = bool(os.environ.get("MR2FT_DEBUG")) or debug
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -95,6 +96,7 @@ def probe_command(
         None, "--normalize/--no-normalize", help="L2-normalise features (CLIP's default is on)."
     ),
     pool: str | None = typer.Option(None, "--pool", help="ViT pooling: cls or mean."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Input size (default: the weights' own)."),
     loss: str | None = typer.Option(None, "--loss", help="ce, mr2, uniform, focal, ldam, la, dro, jtt or lff."),
     c_bar: float | None = typer.Option(None, "--c-bar", help="MR2's average margin."),
     p: float | None = typer.Option(None, "--p", help="Norm of MR2's class statistics (default 2; 5 when normalised)."),
@@ -296,6 +298,7 @@ def study_command(
         None, "--normalize/--no-normalize", help="L2-normalise features (CLIP's default is on)."
     ),
     pool: str | None = typer.Option(None, "--pool", help="ViT pooling: cls or mean."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Input size (default: the weights' own)."),
     c_bar: float | None = typer.Option(None, "--c-bar", help="finetune mode: the control's and MR2's c_bar."),
     p: float | None = typer.Option(None, "--p", help="Norm of MR2's class statistics (default 2; 5 when normalised)."),
     margin_mode: str | None = typer.Option(None, "--margin-mode", help="scale (default) or additive."),
@@ -329,6 +332,57 @@ def study_command(
     values["cbar_grid"] = _grid(cbar_grid)
     cfg, finetune_cfg = study_configs(recipe, **values)
     run_study(cfg, finetune_cfg=finetune_cfg)
+
+
+@app.command("demo")
+@user_errors
+def demo_command(
+    out: str | None = typer.Option(None, "--out", help="Study folder (default runs/demo-<time>)."),
+    seeds: int | None = typer.Option(None, "--seeds", help="Seeds per method (recipe: 3)."),
+    max_per_class: int | None = typer.Option(None, "--max-per-class", help="Training images per class (recipe: 150)."),
+    test_max_per_class: int | None = typer.Option(
+        None, "--test-max-per-class", help="Test images per class (recipe: 150)."
+    ),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Feature cache folder (default ~/.cache/mr2ft)."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="Image decoding workers."),
+    overwrite: bool | None = typer.Option(None, "--overwrite", help="Replace an existing --out folder."),
+) -> None:
+    """The whole story on real data that ships: EfficientNet-Lite0 on Fashion-MNIST, ERM vs control vs MR2."""
+    from mr2ft.demo import run_demo
+
+    run_demo(
+        out=out,
+        seeds=seeds,
+        max_per_class=max_per_class,
+        test_max_per_class=test_max_per_class,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+        overwrite=overwrite,
+    )
+
+
+recipes_app = typer.Typer(help="List and show the recipes that ship with mr2ft.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("list")
+@user_errors
+def recipes_list() -> None:
+    """List the recipes (use one with --recipe NAME)."""
+    from mr2ft.config import load_recipe, recipe_names
+
+    for name in recipe_names():
+        data = load_recipe(name)
+        typer.echo(f"{name:24s} {data.get('command', '?'):9s} {data.get('description', '')}")
+
+
+@recipes_app.command("show")
+@user_errors
+def recipes_show(name: str = typer.Argument(..., help="Recipe name or YAML path.")) -> None:
+    """Print a recipe's YAML."""
+    from mr2ft.config import recipe_path
+
+    typer.echo(recipe_path(name).read_text(encoding="utf-8"), nl=False)
 
 
 def run() -> None:  # pragma: no cover - console entry used by ``python -m mr2ft``

@@ -1,0 +1,476 @@
+"""``mr2ft finetune``: the loop per backbone family, exact resume, layer-wise decay, bad input, many processes.
+
+Everything runs on CPU with tiny random models at 32 px (tests/_models.py) and a generated image folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _images import make_image_folder
+from _models import load_tiny, write_tiny_checkpoint
+from typer.testing import CliRunner
+
+from mr2ft import finetune
+from mr2ft.cli import app
+from mr2ft.config import FinetuneConfig, build_config
+from mr2ft.io import load_tensors, read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+# ---- fixtures and helpers --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning makes a
+    step up to 30x slower; one thread keeps these tests fast (and results do not depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 6 images per split: 18 train images = 3 batches of 6."""
+    return make_image_folder(tmp_path_factory.mktemp("images"), num_classes=3, per_class=6, size=32)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def model_flags(family: str, models: Path) -> list[str]:
+    """``--backbone/--model/--weights/--image-size`` of a tiny 32 px model saved in its real checkpoint format."""
+    spec = write_tiny_checkpoint(family, models / family)
+    flags = ["--backbone", spec["family"]]
+    if spec["model"]:
+        flags += ["--model", str(spec["model"])]
+    flags += ["--weights", str(spec["weights"])]
+    if "image_size" in spec["options"]:
+        flags += ["--image-size", str(spec["options"]["image_size"])]
+    return flags
+
+
+def finetune_args(out: Path, images: Path, flags: list[str], *extra: str) -> list[str]:
+    """A short fine-tune: 2 epochs of 3 steps (18 images, batch 6), no DataLoader workers."""
+    base = ["--dataset", str(images), "--epochs", "2", "--batch-size", "6", "--lr", "1e-3", "--num-workers", "0"]
+    return ["finetune", *flags, *base, "--out", str(out), *extra]
+
+
+def invoke(args: list[str]):
+    result = runner.invoke(app, args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def ok(args: list[str]):
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def error_line(result) -> str:
+    """The CLI's one error line: exit code 2, no traceback."""
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return finetune.find_checkpoint(run_dir)[1]
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same final weights, MR2 statistics, per-class predictions, class statistics and metrics records."""
+    ca, cb = last_checkpoint(a), last_checkpoint(b)
+    assert ca.name == cb.name
+    for name in ("model.safetensors", "loss_rank0.safetensors"):
+        assert_same_tensors(load_tensors(ca / name), load_tensors(cb / name))
+    for name in ("predictions.safetensors", "class_stats.safetensors"):
+        assert_same_tensors(load_tensors(a / name), load_tensors(b / name))
+    assert read_jsonl(a / "metrics.jsonl") == read_jsonl(b / "metrics.jsonl")
+
+
+# ---- pure pieces -----------------------------------------------------------------------------------------------------
+
+
+def test_lr_factor_warmup_then_cosine() -> None:
+    warm, total = 4, 20
+    factors = [finetune.lr_factor(s, warm, total) for s in range(total + 1)]
+    assert factors[:warm] == pytest.approx([1 / 4, 2 / 4, 3 / 4, 1.0])
+    for s in range(warm, total + 1):
+        expected = 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+        assert factors[s] == pytest.approx(expected)
+    assert factors[-1] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(factors[warm - 1 :], factors[warm:], strict=False))
+    assert finetune.lr_factor(0, 0, 10) == pytest.approx(1.0)
+
+
+def test_scheduler_keeps_each_groups_lr_scale() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.1 * 0.25}, {"params": [b], "lr": 0.1}], lr=0.1)
+    sched = finetune.build_scheduler(opt, warmup_steps=2, total_steps=6)
+    for step in range(6):
+        f = finetune.lr_factor(step, 2, 6)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.025 * f)
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * f)
+        opt.step()
+        sched.step()
+
+
+def test_seeded_transform_is_a_function_of_seed_epoch_index_and_leaves_rngs_alone() -> None:
+    class Noise:
+        def __call__(self, _image: object) -> tuple[float, float, float]:
+            return torch.rand(()).item(), float(np.random.rand()), random.random()
+
+    data = [(None, 0)] * 5
+    ds = finetune.SeededTransform(data, Noise(), seed=3)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    first = [ds[i][0] for i in range(5)]
+    assert torch.equal(before[0], torch.get_rng_state())
+    assert np.array_equal(before[1], np.random.get_state()[1])
+    assert before[2] == random.getstate()
+    assert [ds[i][0] for i in reversed(range(5))] == first[::-1]  # order and history do not matter
+    assert len(set(first)) == 5
+    ds.set_epoch(1)
+    assert [ds[i][0] for i in range(5)] != first
+    other = finetune.SeededTransform(data, Noise(), seed=4)
+    assert [other[i][0] for i in range(5)] != first
+
+
+def test_epoch_shuffle_depends_on_seed_and_epoch_only() -> None:
+    s = finetune.EpochShuffle(50, seed=1)
+    e0 = list(s)
+    assert sorted(e0) == list(range(50)) and e0 != list(range(50))
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert list(s) == e0
+    s.set_epoch(1)
+    assert list(s) != e0
+    s.set_epoch(0)
+    assert list(s) == e0
+    assert list(finetune.EpochShuffle(50, seed=2)) != e0
+
+
+def test_apply_wise_interpolates_floating_weights() -> None:
+    model = torch.nn.Linear(3, 2)
+    zero = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    tuned = {k: v.clone() for k, v in model.state_dict().items()}
+    finetune.apply_wise(model, zero, 0.25)
+    assert_same_tensors(model.state_dict(), {k: 0.25 * v for k, v in tuned.items()})
+    model.load_state_dict(tuned)
+    finetune.apply_wise(model, zero, 1.0)
+    assert_same_tensors(model.state_dict(), tuned)
+    finetune.apply_wise(model, zero, 0.0)
+    assert_same_tensors(model.state_dict(), zero)
+
+
+# ---- the loop, per family --------------------------------------------------------------------------------------------
+
+# Each family also exercises some options, so that every code path runs once without extra runs.
+FAMILY_EXTRAS = {
+    "timm": ["--loss", "ce", "--mixup", "0.4", "--cutmix", "0.4", "--label-smoothing", "0.1", "--grad-clip", "1"],
+    "mocov2": ["--loss", "mr2", "--samples-per-class", "3", "--grad-accum", "2", "--optimizer", "sgd"],
+    "mae": ["--loss", "mr2", "--layer-decay", "0.75", "--drop-path", "0.1", "--warmup-steps", "2"],
+    "clip": ["--loss", "mr2", "--head", "zeroshot", "--wise-alpha", "0.5"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_EXTRAS))
+def test_finetune_each_family(family: str, images: Path, models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = ok(finetune_args(out, images, model_flags(family, models), *FAMILY_EXTRAS[family]))
+    assert "effective batch" in result.output and "trainable parameters" in result.output
+    for name in ("config.yaml", "classes.json", "predictions.safetensors", "report.json", "report.md"):
+        assert (out / name).is_file(), name
+    preds = load_tensors(out / "predictions.safetensors")
+    assert preds["targets"].shape == (18,) and torch.bincount(preds["targets"], minlength=3).tolist() == [6, 6, 6]
+    records = read_jsonl(out / "metrics.jsonl")
+    epochs = [r for r in records if not r.get("final")]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all(math.isfinite(r["train_loss"]) for r in epochs)
+    final = records[-1]
+    assert final["final"] and final["top1"] == pytest.approx(
+        100.0 * float((preds["preds"] == preds["targets"]).float().mean())
+    )
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    assert (out / "checkpoints" / best["name"]).is_dir()
+    ckpt = last_checkpoint(out)
+    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "optimizer.pt", "state.pt", "rank0.pt"}
+    if "mr2" in FAMILY_EXTRAS[family]:
+        stats = load_tensors(out / "class_stats.safetensors")
+        assert stats["seen"].tolist() == [1, 1, 1]
+        assert stats["gamma"].mean().item() == pytest.approx(1.0, abs=1e-4)  # margins average to c_bar
+        assert "train_rep" in epochs[0]
+    if family == "clip":
+        assert (out / "model_wise.safetensors").is_file()
+        assert final["wise_alpha"] == 0.5 and final["finetuned_top1"] is not None
+
+
+def test_zeroshot_head_is_clips_text_classifier(images: Path, models: Path) -> None:
+    bb = load_tiny("clip", models / "clip-zs")
+    model = finetune.Classifier(bb.model, bb.feature_dim, 3)
+    names = ["cat", "dog", "car"]
+    finetune.init_zeroshot_head(model, bb, names)
+    expected = bb.logit_scale * bb.text_classifier(names)
+    assert torch.allclose(model.head.weight, expected)
+    assert torch.equal(model.head.bias, torch.zeros(3))
+    x = torch.randn(2, 3, 32, 32)
+    logits, features = model(x)
+    assert torch.allclose(features.norm(dim=1), torch.ones(2), atol=1e-5)  # CLIP features are normalised
+    assert torch.allclose(logits, bb.logit_scale * features @ bb.text_classifier(names).T, atol=1e-5)
+
+
+# ---- resume and determinism ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("accum", "stop"), [(1, 4), (2, 3)], ids=["step4", "accum2-step3"])
+def test_resume_matches_uninterrupted_run(accum: int, stop: int, images: Path, models: Path, tmp_path: Path) -> None:
+    # drop-path and RandAugment make the RNG states matter; stopping mid-epoch makes the data position matter.
+    flags = model_flags("timm-vit", models)
+    extra = ["--loss", "mr2", "--drop-path", "0.2", "--randaugment", "rand-m9-mstd0.5", "--grad-accum", str(accum)]
+    ok(finetune_args(tmp_path / "whole", images, flags, *extra))
+    ok(finetune_args(tmp_path / "parts", images, flags, *extra, "--max-steps", str(stop)))
+    stopped = last_checkpoint(tmp_path / "parts")
+    state = torch.load(stopped / "state.pt", weights_only=True)
+    assert state["step"] == stop and 0 < state["batch"]  # stopped inside the second epoch
+    assert read_jsonl(tmp_path / "parts" / "metrics.jsonl")[-1]["stopped_early"]
+    result = ok(["finetune", "--resume", str(tmp_path / "parts"), "--num-workers", "0"])
+    assert f"at step {stop}" in result.output
+    assert_same_run(tmp_path / "whole", tmp_path / "parts")
+
+
+def test_fixed_seed_is_deterministic_whatever_the_workers(images: Path, models: Path, tmp_path: Path) -> None:
+    flags = model_flags("timm-vit", models)
+    extra = ["--loss", "mr2", "--drop-path", "0.2", "--randaugment", "rand-m9-mstd0.5", "--epochs", "1"]
+    for name, seed, workers in (("a", "0", "0"), ("b", "0", "2"), ("c", "1", "0")):
+        ok(finetune_args(tmp_path / name, images, flags, *extra, "--seed", seed, "--num-workers", workers))
+    # Augmentation is seeded per sample, so two DataLoader worker processes give the very same run.
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+    wa = load_tensors(last_checkpoint(tmp_path / "a") / "model.safetensors")
+    wc = load_tensors(last_checkpoint(tmp_path / "c") / "model.safetensors")
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoints(images: Path, models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ok(finetune_args(out, images, model_flags("timm", models), "--loss", "mr2", "--max-steps", "1"))
+    line = error_line(invoke(["finetune", "--resume", str(out), "--loss", "ce"]))
+    assert "loss" in line and "'mr2'" in line and "'ce'" in line
+    line = error_line(invoke(["finetune", "--resume", str(out), "--lr", "0.5"]))
+    assert "lr" in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no checkpoint" in error_line(invoke(["finetune", "--resume", str(empty)]))
+    assert "no such folder" in error_line(invoke(["finetune", "--resume", str(tmp_path / "nope")]))
+
+
+def test_resuming_an_older_checkpoint_forgets_the_later_ones(images: Path, models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    flags = model_flags("timm", models)
+    ok(finetune_args(out, images, flags, "--loss", "mr2", "--checkpoint-every", "1", "--max-steps", "5"))
+    # Kept: the best (end of epoch 1, step 3) and the latest (step 5); the others were pruned.
+    best = json.loads((out / "checkpoints" / "best.json").read_text())["name"]
+    kept = [p.name for p in sorted((out / "checkpoints").glob("ckpt-*"))]
+    assert kept == [best, "ckpt-00000005-0001-000002"] and best == "ckpt-00000003-0001-000000"
+    ok(["finetune", "--resume", str(out / "checkpoints" / best), "--num-workers", "0"])
+    whole = tmp_path / "whole"
+    ok(finetune_args(whole, images, flags, "--loss", "mr2"))
+    assert_same_run(whole, out)
+
+
+# ---- optimizer groups ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["timm-vit", "mae"])
+def test_layer_decay_scales_first_and_last_blocks(family: str, models: Path) -> None:
+    bb = load_tiny(family, models / f"lrd-{family}")
+    model = finetune.Classifier(bb.model, bb.feature_dim, 3)
+    cfg = build_config(FinetuneConfig, lr=1e-3, weight_decay=0.05, layer_decay=0.5, dataset="x")
+    opt = finetune.build_optimizer(model, bb, cfg)
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    n = bb.num_layers
+    assert n >= 2
+
+    def scale(fragment: str) -> set[float]:
+        found = {group_of[id(p)]["lr_scale"] for name, p in named.items() if fragment in name}
+        assert found, fragment
+        return found
+
+    assert scale("patch_embed.") == {0.5 ** (n + 1)}  # embeddings: below the first block
+    assert scale("blocks.0.") == {0.5**n}  # first block
+    assert scale(f"blocks.{n - 1}.") == {0.5}  # last block
+    assert scale("head.") == {1.0}  # our classifier
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(1e-3 * g["lr_scale"])
+    assert group_of[id(model.head.bias)]["weight_decay"] == 0.0
+    assert group_of[id(model.head.weight)]["weight_decay"] == 0.05
+    assert all(group_of[id(p)]["weight_decay"] == 0.0 for name, p in named.items() if "norm" in name)
+    # The schedule multiplies every group's lr by the same factor, so the scales survive warm-up and decay.
+    sched = finetune.build_scheduler(opt, warmup_steps=4, total_steps=10)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    f = finetune.lr_factor(5, 4, 10)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(1e-3 * g["lr_scale"] * f)
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        (["--loss", "mr2", "--mixup", "0.8"], "mixup"),
+        (["--loss", "mr2", "--label-smoothing", "0.1"], "label smoothing"),
+        (["--loss", "uniform", "--cutmix", "1.0"], "cutmix"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "-1e-3"], "--lr"),
+        (["--epochs", "0"], "--epochs"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--head", "zeroshot", "--wise-alpha", "2"], "--wise-alpha"),
+        (["--wise-alpha", "0.5"], "zeroshot"),
+        (["--samples-per-class", "4"], "--samples-per-class"),
+        (["--optimizer", "lamb"], "optimizer"),
+    ],
+)
+def test_bad_options_fail_in_one_line_before_any_work(
+    extra: list[str], expect: str, images: Path, models: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    line = error_line(invoke(finetune_args(out, images, model_flags("timm", models), *extra)))
+    assert expect in line
+    assert not out.exists()  # no half-written run folder
+
+
+def test_existing_output_folder_is_refused(images: Path, models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    line = error_line(invoke(finetune_args(out, images, model_flags("timm", models))))
+    assert "--overwrite" in line and "--resume" in line
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(
+    images: Path, models: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    extra = ["--optimizer", "sgd", "--lr", "1e30", "--checkpoint-every", "1"]
+    line = error_line(invoke(finetune_args(out, images, model_flags("timm", models), *extra)))
+    assert "NaN/inf" in line and "at step 2" in line and "ckpt-00000001" in line
+    kept = last_checkpoint(out)
+    assert kept.name.startswith("ckpt-00000001")
+    assert all(torch.isfinite(t).all() for t in load_tensors(kept / "model.safetensors").values())
+    assert not (out / "predictions.safetensors").exists()
+
+
+def test_nan_before_any_checkpoint_leaves_no_folder(images: Path, models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    line = error_line(
+        invoke(finetune_args(out, images, model_flags("timm", models), "--optimizer", "sgd", "--lr", "1e30"))
+    )
+    assert "at step 2" in line and "no checkpoint" in line
+    assert not out.exists()
+
+
+# ---- several processes -----------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_share_statistics_and_count_exactly(models: Path, tmp_path: Path) -> None:
+    # 7 test images per class: 21 do not split evenly over 2 processes x batch 3, so accelerate pads the last
+    # batch and gather_for_metrics must drop the padding for the counts to be exact.
+    data = make_image_folder(tmp_path / "images", num_classes=3, per_class=7, size=32)
+    out = tmp_path / "run"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    # `accelerate launch --cpu --num_processes 2` starts a single process in accelerate 1.x (several CPU processes
+    # need MPI there); torchrun via --multi_gpu with ACCELERATE_USE_CPU starts two gloo processes on the CPU.
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "mr2ft",
+        "finetune",
+        *model_flags("timm", models),
+        "--dataset",
+        str(data),
+        "--loss",
+        "mr2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "3",
+        "--num-workers",
+        "0",
+        "--checkpoint-every",
+        "2",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout
+    ckpts = sorted((out / "checkpoints").glob("ckpt-*"))
+    assert ckpts
+    for ckpt in ckpts:
+        # Each process wrote its own MR2 statistics: they must be identical (global-batch statistics).
+        rank0 = load_tensors(ckpt / "loss_rank0.safetensors")
+        rank1 = load_tensors(ckpt / "loss_rank1.safetensors")
+        assert rank0 and rank0.keys() == rank1.keys()
+        assert_same_tensors(rank0, rank1)
+        assert (ckpt / "rank1.pt").is_file()
+    preds = load_tensors(out / "predictions.safetensors")
+    assert preds["targets"].shape == (21,)
+    assert torch.bincount(preds["targets"], minlength=3).tolist() == [7, 7, 7]
+    records = [r for r in read_jsonl(out / "metrics.jsonl") if not r.get("final")]
+    assert [r["epoch"] for r in records] == [1, 2]
+    config = (out / "config.yaml").read_text()
+    assert "effective_batch_size: 6" in config
