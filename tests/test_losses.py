@@ -347,3 +347,13 @@ def test_two_processes_hold_the_statistics_of_the_whole_batch():
     for key, val in single.state_dict().items():
         assert torch.equal(s0[key], s1[key]), key
         assert torch.equal(s0[key], val), key
+
+
+def test_frozen_statistics_survive_a_state_dict_round_trip():
+    a = MR2Loss(3, 4).train()
+    a.fit_statistics(torch.randn(30, 4), torch.arange(3).repeat(10))
+    b = MR2Loss(3, 4).train()
+    b.load_state_dict(a.state_dict())
+    before = b.stats.M.clone()
+    b(torch.randn(6, 3), torch.randn(6, 4) * 10, torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert torch.equal(before, b.stats.M)

@@ -14,25 +14,28 @@ Adding a family is one new module with a ``load(model, weights, options) -> Back
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from mr2ft.backbones import clip as _clip
-from mr2ft.backbones import mae as _mae
-from mr2ft.backbones import moco as _moco
-from mr2ft.backbones import timm as _timm
 from mr2ft.backbones.base import DEFAULT_TEMPLATES, Backbone, Preprocess
 from mr2ft.backbones.timm import efficientnet_lite0_weights
 from mr2ft.errors import UserError
 
-FAMILIES: dict[str, Callable[[str | None, str | None, dict[str, Any]], Backbone]] = {
-    "clip": _clip.load,
-    "mae": _mae.load,
-    "mocov2": _moco.load,
-    "timm": _timm.load,
+# Family name -> module with ``load(model, weights, options) -> Backbone``. Modules are imported on first use, so
+# a timm probe never pays for importing open_clip or transformers.
+FAMILIES: dict[str, str] = {
+    "clip": "mr2ft.backbones.clip",
+    "mae": "mr2ft.backbones.mae",
+    "mocov2": "mr2ft.backbones.moco",
+    "timm": "mr2ft.backbones.timm",
 }
+
+
+def _loader(family: str) -> Callable[[str | None, str | None, dict[str, Any]], Backbone]:
+    return importlib.import_module(FAMILIES[family]).load
 RANDOM_INIT_SEED = 0  # the seed of ``weights="none"``: one fixed random model per architecture
 ALIASES = {"moco": "mocov2", "moco_v2": "mocov2", "moco-v2": "mocov2", "openclip": "clip", "open_clip": "clip"}
 
@@ -73,8 +76,8 @@ def load_backbone(family: str, model: str | None = None, weights: str | None = N
         # feature file or a rerun would otherwise silently belong to another model); the caller's RNG is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            return FAMILIES[key](model, weights, options)
-    return FAMILIES[key](model, weights, options)
+            return _loader(key)(model, weights, options)
+    return _loader(key)(model, weights, options)
 
 
 __all__ = [

@@ -108,7 +108,14 @@ class MR2Loss(nn.Module):
         self.temperature_factor = float(temperature_factor)
         self.class_dependent = class_dependent
         self.stats = ClassStatistics(num_classes, feature_dim, p=p, momentum=momentum)
+        # The buffer carries the flag through state_dict; the Python mirror is what forward reads, so a CUDA step
+        # never waits on the host to learn it.
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self._frozen = False
+        self.register_load_state_dict_post_hook(lambda module, _incompatible: module._sync_frozen())
+
+    def _sync_frozen(self) -> None:
+        self._frozen = bool(self.frozen)
 
     def extra_repr(self) -> str:
         return (
@@ -125,6 +132,7 @@ class MR2Loss(nn.Module):
         """Set exact statistics from frozen features (a linear probe) and stop updating them."""
         self.stats.set_exact(self._features(features), targets)
         self.frozen.fill_(True)
+        self._frozen = True
 
     def margins(self) -> torch.Tensor:
         """The current per-class margins gamma (K,)."""
@@ -146,7 +154,7 @@ class MR2Loss(nn.Module):
         """
         with torch.autocast(device_type=logits.device.type, enabled=False):
             z = self._features(features)
-            if self.training and not bool(self.frozen):
+            if self.training and not self._frozen:
                 self.stats.update(z.detach(), targets)
             gamma = self.margins()
             g = gamma[targets]
