@@ -36,6 +36,8 @@ FAMILIES: dict[str, str] = {
 
 def _loader(family: str) -> Callable[[str | None, str | None, dict[str, Any]], Backbone]:
     return importlib.import_module(FAMILIES[family]).load
+
+
 RANDOM_INIT_SEED = 0  # the seed of ``weights="none"``: one fixed random model per architecture
 ALIASES = {"moco": "mocov2", "moco_v2": "mocov2", "moco-v2": "mocov2", "openclip": "clip", "open_clip": "clip"}
 
