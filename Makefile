@@ -1,14 +1,16 @@
 # The two commands of the README. Each does all set-up on a fresh machine first (scripts/setup.sh).
-.PHONY: setup test test-all demo lint bench
+.PHONY: setup test test-quick demo lint bench
 
 setup:
 	bash scripts/setup.sh
 
+# Every CPU test, the multi-process, kill -9 and real-data ones included (about 4 minutes on two cores).
 test: setup
-	.venv/bin/python -m pytest -q -m "not slow and not gpu"
-
-test-all: setup
 	.venv/bin/python -m pytest -q -m "not gpu"
+
+# Without the subprocess-heavy tests (kill -9 / Ctrl-C resume, accelerate launch with two processes).
+test-quick: setup
+	.venv/bin/python -m pytest -q -m "not slow and not gpu"
 
 demo: setup
 	.venv/bin/mr2ft demo
@@ -18,3 +20,5 @@ lint: setup
 
 bench: setup
 	.venv/bin/python benchmarks/loss_overhead.py | tee benchmarks/loss_overhead.txt
+	.venv/bin/python benchmarks/probe_cost.py | tee benchmarks/probe_cost.txt
+	.venv/bin/python benchmarks/finetune_throughput.py --threads 1 --repeats 7 | tee benchmarks/finetune_throughput.txt
