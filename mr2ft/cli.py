@@ -72,46 +72,74 @@ def _grid(text: str | None) -> tuple[float, ...] | None:
         raise UserError(f"a grid must be comma-separated numbers, got {text!r}") from None
 
 
+# Options that mean the same in every command that takes them (one definition, one help text).
+BACKBONE_OPT = typer.Option(None, "--backbone", help="Backbone family: clip, mae, mocov2 or timm.")
+BASELINE_OPT = typer.Option(None, "--baseline", help="A run whose per-class accuracy fixes the groups.")
+C_BAR_OPT = typer.Option(None, "--c-bar", help="MR2's average margin.")
+CACHE_DIR_OPT = typer.Option(None, "--cache-dir", help="Feature cache folder (default ~/.cache/mr2ft).")
+DATASET_OPT = typer.Option(None, "--dataset", help="Folder, CSV, hf:NAME[:CONFIG], or a known name.")
+EXTRACT_BATCH_SIZE_OPT = typer.Option(None, "--extract-batch-size", help="Batch of the feature pass.")
+IMAGE_COLUMN_OPT = typer.Option(None, "--image-column", help="Image column of an hf: dataset.")
+IMAGE_SIZE_OPT = typer.Option(None, "--image-size", help="Input size (default: the weights' own).")
+LABEL_COLUMN_OPT = typer.Option(None, "--label-column", help="Label column of an hf: dataset.")
+LR_OPT = typer.Option(None, "--lr", help="Learning rate.")
+MARGIN_MODE_OPT = typer.Option(None, "--margin-mode", help="scale (default) or additive.")
+MAX_PER_CLASS_OPT = typer.Option(None, "--max-per-class", help="At most N training images per class.")
+MODEL_OPT = typer.Option(None, "--model", help="Architecture (e.g. ViT-B-16, vit_base_patch16_224).")
+NORMALIZE_OPT = typer.Option(None, "--normalize/--no-normalize", help="L2-normalise features (CLIP's default is on).")
+NUM_WORKERS_OPT = typer.Option(None, "--num-workers", help="Image decoding workers.")
+OPTIMIZER_OPT = typer.Option(None, "--optimizer", help="adamw or sgd.")
+OUT_OPT = typer.Option(None, "--out", help="Run folder (default runs/<backbone>-<dataset>-<loss>-<time>).")
+OVERWRITE_OPT = typer.Option(None, "--overwrite", help="Replace an existing run folder.")
+P_OPT = typer.Option(None, "--p", help="Norm of MR2's class statistics (default 2; 5 when normalised).")
+POOL_OPT = typer.Option(None, "--pool", help="ViT pooling: cls or mean.")
+SEED_OPT = typer.Option(None, "--seed", help="Seed of every random choice.")
+SHOTS_OPT = typer.Option(None, "--shots", help="Exactly K training images per class.")
+SKIP_BAD_IMAGES_OPT = typer.Option(
+    None, "--skip-bad-images/--no-skip-bad-images", help="Skip (and count) corrupt images instead of stopping."
+)
+SWEEP_CRITERION_OPT = typer.Option(None, "--sweep-criterion", help="overall or hard (group accuracy).")
+TEST_MAX_PER_CLASS_OPT = typer.Option(
+    None, "--test-max-per-class", help="At most N test images per class (a quicker, balanced test)."
+)
+WARMUP_EPOCHS_OPT = typer.Option(None, "--warmup-epochs", help="Linear warm-up, then cosine.")
+WEIGHTS_OPT = typer.Option(
+    None, "--weights", help="Pretrained tag, hub id, local file or folder; 'none' for random weights."
+)
+
+
 @app.command("probe")
 @user_errors
 def probe_command(
-    backbone: str | None = typer.Option(None, "--backbone", help="Backbone family: clip, mae, mocov2 or timm."),
-    model: str | None = typer.Option(None, "--model", help="Architecture (e.g. ViT-B-16, vit_base_patch16_224)."),
-    weights: str | None = typer.Option(
-        None, "--weights", help="Pretrained tag, hub id, local file or folder; 'none' for random weights."
-    ),
-    dataset: str | None = typer.Option(None, "--dataset", help="Folder, CSV, hf:NAME[:CONFIG], or a known name."),
-    image_column: str | None = typer.Option(None, "--image-column", help="Image column of an hf: dataset."),
-    label_column: str | None = typer.Option(None, "--label-column", help="Label column of an hf: dataset."),
+    backbone: str | None = BACKBONE_OPT,
+    model: str | None = MODEL_OPT,
+    weights: str | None = WEIGHTS_OPT,
+    dataset: str | None = DATASET_OPT,
+    image_column: str | None = IMAGE_COLUMN_OPT,
+    label_column: str | None = LABEL_COLUMN_OPT,
     val_fraction: float | None = typer.Option(None, "--val-fraction", help="Share of train held out for choices."),
-    shots: int | None = typer.Option(None, "--shots", help="Exactly K training images per class."),
-    max_per_class: int | None = typer.Option(None, "--max-per-class", help="At most N training images per class."),
-    test_max_per_class: int | None = typer.Option(
-        None, "--test-max-per-class", help="At most N test images per class (a quicker, balanced test)."
-    ),
-    skip_bad_images: bool | None = typer.Option(
-        None, "--skip-bad-images/--no-skip-bad-images", help="Skip (and count) corrupt images instead of stopping."
-    ),
-    normalize: bool | None = typer.Option(
-        None, "--normalize/--no-normalize", help="L2-normalise features (CLIP's default is on)."
-    ),
-    pool: str | None = typer.Option(None, "--pool", help="ViT pooling: cls or mean."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Input size (default: the weights' own)."),
+    shots: int | None = SHOTS_OPT,
+    max_per_class: int | None = MAX_PER_CLASS_OPT,
+    test_max_per_class: int | None = TEST_MAX_PER_CLASS_OPT,
+    skip_bad_images: bool | None = SKIP_BAD_IMAGES_OPT,
+    normalize: bool | None = NORMALIZE_OPT,
+    pool: str | None = POOL_OPT,
+    image_size: int | None = IMAGE_SIZE_OPT,
     loss: str | None = typer.Option(None, "--loss", help="ce, mr2, uniform, focal, ldam, la, dro, jtt or lff."),
-    c_bar: float | None = typer.Option(None, "--c-bar", help="MR2's average margin."),
-    p: float | None = typer.Option(None, "--p", help="Norm of MR2's class statistics (default 2; 5 when normalised)."),
-    margin_mode: str | None = typer.Option(None, "--margin-mode", help="scale (default) or additive."),
+    c_bar: float | None = C_BAR_OPT,
+    p: float | None = P_OPT,
+    margin_mode: str | None = MARGIN_MODE_OPT,
     head: str | None = typer.Option(None, "--head", help="linear, bn_linear (MAE protocol) or zeroshot (CLIP)."),
-    optimizer: str | None = typer.Option(None, "--optimizer", help="adamw or sgd."),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
+    optimizer: str | None = OPTIMIZER_OPT,
+    lr: float | None = LR_OPT,
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs over the cached features."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size of the head's training."),
-    warmup_epochs: float | None = typer.Option(None, "--warmup-epochs", help="Linear warm-up, then cosine."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of every random choice."),
-    num_workers: int | None = typer.Option(None, "--num-workers", help="Image decoding workers."),
-    extract_batch_size: int | None = typer.Option(None, "--extract-batch-size", help="Batch of the feature pass."),
-    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Feature cache folder (default ~/.cache/mr2ft)."),
+    warmup_epochs: float | None = WARMUP_EPOCHS_OPT,
+    seed: int | None = SEED_OPT,
+    num_workers: int | None = NUM_WORKERS_OPT,
+    extract_batch_size: int | None = EXTRACT_BATCH_SIZE_OPT,
+    cache_dir: str | None = CACHE_DIR_OPT,
     sweep_wd: bool | None = typer.Option(None, "--sweep-wd/--no-sweep-wd", help="Choose weight decay on validation."),
     wd_grid: str | None = typer.Option(None, "--wd-grid", help="Comma-separated weight decays for --sweep-wd."),
     sweep_cbar: bool | None = typer.Option(None, "--sweep-cbar/--no-sweep-cbar", help="Choose c_bar on validation."),
@@ -119,11 +147,11 @@ def probe_command(
         None, "--sweep-temperature/--no-sweep-temperature", help="Choose CE's global temperature on validation."
     ),
     cbar_grid: str | None = typer.Option(None, "--cbar-grid", help="Comma-separated c_bar / temperature grid."),
-    sweep_criterion: str | None = typer.Option(None, "--sweep-criterion", help="overall or hard (group accuracy)."),
+    sweep_criterion: str | None = SWEEP_CRITERION_OPT,
     jtt_upweight: float | None = typer.Option(None, "--jtt-upweight", help="JTT's upweight of ERM errors."),
-    baseline: str | None = typer.Option(None, "--baseline", help="A run whose per-class accuracy fixes the groups."),
-    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/<backbone>-<dataset>-<loss>-<time>)."),
-    overwrite: bool | None = typer.Option(None, "--overwrite", help="Replace an existing run folder."),
+    baseline: str | None = BASELINE_OPT,
+    out: str | None = OUT_OPT,
+    overwrite: bool | None = OVERWRITE_OPT,
     recipe: str | None = typer.Option(None, "--recipe", help="Recipe name or YAML path; flags override it."),
 ) -> None:
     """Linear probe on cached features of a frozen backbone, with MR2 or any baseline loss."""
@@ -144,47 +172,42 @@ def probe_command(
 @app.command("finetune")
 @user_errors
 def finetune_command(
-    backbone: str | None = typer.Option(None, "--backbone", help="Backbone family: clip, mae, mocov2 or timm."),
-    model: str | None = typer.Option(None, "--model", help="Architecture (e.g. ViT-B-16, vit_base_patch16_224)."),
-    weights: str | None = typer.Option(
-        None, "--weights", help="Pretrained tag, hub id, local file or folder; 'none' for random weights."
-    ),
-    dataset: str | None = typer.Option(None, "--dataset", help="Folder, CSV, hf:NAME[:CONFIG], or a known name."),
-    image_column: str | None = typer.Option(None, "--image-column", help="Image column of an hf: dataset."),
-    label_column: str | None = typer.Option(None, "--label-column", help="Label column of an hf: dataset."),
+    backbone: str | None = BACKBONE_OPT,
+    model: str | None = MODEL_OPT,
+    weights: str | None = WEIGHTS_OPT,
+    dataset: str | None = DATASET_OPT,
+    image_column: str | None = IMAGE_COLUMN_OPT,
+    label_column: str | None = LABEL_COLUMN_OPT,
     val_fraction: float | None = typer.Option(
         None, "--val-fraction", help="Share of train held out to pick the best epoch (default: none, use test)."
     ),
-    shots: int | None = typer.Option(None, "--shots", help="Exactly K training images per class."),
-    max_per_class: int | None = typer.Option(None, "--max-per-class", help="At most N training images per class."),
-    skip_bad_images: bool | None = typer.Option(
-        None, "--skip-bad-images/--no-skip-bad-images", help="Skip (and count) corrupt images instead of stopping."
-    ),
-    normalize: bool | None = typer.Option(
-        None, "--normalize/--no-normalize", help="L2-normalise features (CLIP's default is on)."
-    ),
-    pool: str | None = typer.Option(None, "--pool", help="ViT pooling: cls or mean."),
+    shots: int | None = SHOTS_OPT,
+    max_per_class: int | None = MAX_PER_CLASS_OPT,
+    test_max_per_class: int | None = TEST_MAX_PER_CLASS_OPT,
+    skip_bad_images: bool | None = SKIP_BAD_IMAGES_OPT,
+    normalize: bool | None = NORMALIZE_OPT,
+    pool: str | None = POOL_OPT,
     loss: str | None = typer.Option(None, "--loss", help="ce, mr2, uniform, focal, ldam, la or dro."),
-    c_bar: float | None = typer.Option(None, "--c-bar", help="MR2's average margin."),
+    c_bar: float | None = C_BAR_OPT,
     lambda_rep: float | None = typer.Option(None, "--lambda-rep", help="Weight of MR2's representation margin."),
-    p: float | None = typer.Option(None, "--p", help="Norm of MR2's class statistics (default 2; 5 when normalised)."),
+    p: float | None = P_OPT,
     momentum: float | None = typer.Option(None, "--momentum", help="EMA momentum of MR2's class statistics."),
-    margin_mode: str | None = typer.Option(None, "--margin-mode", help="scale (default) or additive."),
+    margin_mode: str | None = MARGIN_MODE_OPT,
     temperature_factor: float | None = typer.Option(
         None, "--temperature-factor", help="MR2's representation-margin temperature factor."
     ),
     head: str | None = typer.Option(None, "--head", help="linear, or zeroshot (CLIP: head from text prompts)."),
-    optimizer: str | None = typer.Option(None, "--optimizer", help="adamw or sgd."),
+    optimizer: str | None = OPTIMIZER_OPT,
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (not scaled by batch size)."),
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay (never on norms, biases)."),
     layer_decay: float | None = typer.Option(None, "--layer-decay", help="Layer-wise lr decay for ViTs (e.g. 0.65)."),
     drop_path: float | None = typer.Option(None, "--drop-path", help="Stochastic depth rate."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Input size (default: the weights' own)."),
+    image_size: int | None = IMAGE_SIZE_OPT,
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs over the training split."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size per process."),
     grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
     grad_clip: float | None = typer.Option(None, "--grad-clip", help="Clip the gradient norm to this value."),
-    warmup_epochs: float | None = typer.Option(None, "--warmup-epochs", help="Linear warm-up, then cosine."),
+    warmup_epochs: float | None = WARMUP_EPOCHS_OPT,
     warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="Warm-up in steps (overrides epochs)."),
     mixed_precision: str | None = typer.Option(
         None, "--mixed-precision", help="no, bf16 or fp16 (CUDA); default: accelerate's config."
@@ -205,11 +228,11 @@ def finetune_command(
     resume: str | None = typer.Option(
         None, "--resume", help="Continue a run: its folder (latest checkpoint) or one checkpoints/ckpt-* folder."
     ),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of every random choice."),
+    seed: int | None = SEED_OPT,
     num_workers: int | None = typer.Option(None, "--num-workers", help="Image decoding workers per process."),
-    baseline: str | None = typer.Option(None, "--baseline", help="A run whose per-class accuracy fixes the groups."),
-    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/<backbone>-<dataset>-<loss>-<time>)."),
-    overwrite: bool | None = typer.Option(None, "--overwrite", help="Replace an existing run folder."),
+    baseline: str | None = BASELINE_OPT,
+    out: str | None = OUT_OPT,
+    overwrite: bool | None = OVERWRITE_OPT,
     recipe: str | None = typer.Option(
         None, "--recipe", help="Recipe name or YAML path; flags override it (with --resume: the run's config.yaml)."
     ),
@@ -272,51 +295,43 @@ def compare_command(
 @app.command("study")
 @user_errors
 def study_command(
-    backbone: str | None = typer.Option(None, "--backbone", help="Backbone family: clip, mae, mocov2 or timm."),
-    model: str | None = typer.Option(None, "--model", help="Architecture (e.g. ViT-B-16, vit_base_patch16_224)."),
-    weights: str | None = typer.Option(
-        None, "--weights", help="Pretrained tag, hub id, local file or folder; 'none' for random weights."
-    ),
-    dataset: str | None = typer.Option(None, "--dataset", help="Folder, CSV, hf:NAME[:CONFIG], or a known name."),
-    image_column: str | None = typer.Option(None, "--image-column", help="Image column of an hf: dataset."),
-    label_column: str | None = typer.Option(None, "--label-column", help="Label column of an hf: dataset."),
+    backbone: str | None = BACKBONE_OPT,
+    model: str | None = MODEL_OPT,
+    weights: str | None = WEIGHTS_OPT,
+    dataset: str | None = DATASET_OPT,
+    image_column: str | None = IMAGE_COLUMN_OPT,
+    label_column: str | None = LABEL_COLUMN_OPT,
     mode: str | None = typer.Option(None, "--mode", help="probe (heads on cached features) or finetune (end to end)."),
     seeds: int | None = typer.Option(None, "--seeds", help="Training seeds per method (default 3)."),
     n_boot: int | None = typer.Option(None, "--n-boot", help="Paired bootstrap resamples for the intervals."),
     val_fraction: float | None = typer.Option(
         None, "--val-fraction", help="Share of train held out for the choices (probe: default 0.2)."
     ),
-    shots: int | None = typer.Option(None, "--shots", help="Exactly K training images per class."),
-    max_per_class: int | None = typer.Option(None, "--max-per-class", help="At most N training images per class."),
-    test_max_per_class: int | None = typer.Option(
-        None, "--test-max-per-class", help="At most N test images per class (a quicker, balanced test)."
-    ),
-    skip_bad_images: bool | None = typer.Option(
-        None, "--skip-bad-images/--no-skip-bad-images", help="Skip (and count) corrupt images instead of stopping."
-    ),
-    normalize: bool | None = typer.Option(
-        None, "--normalize/--no-normalize", help="L2-normalise features (CLIP's default is on)."
-    ),
-    pool: str | None = typer.Option(None, "--pool", help="ViT pooling: cls or mean."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Input size (default: the weights' own)."),
+    shots: int | None = SHOTS_OPT,
+    max_per_class: int | None = MAX_PER_CLASS_OPT,
+    test_max_per_class: int | None = TEST_MAX_PER_CLASS_OPT,
+    skip_bad_images: bool | None = SKIP_BAD_IMAGES_OPT,
+    normalize: bool | None = NORMALIZE_OPT,
+    pool: str | None = POOL_OPT,
+    image_size: int | None = IMAGE_SIZE_OPT,
     c_bar: float | None = typer.Option(None, "--c-bar", help="finetune mode: the control's and MR2's c_bar."),
-    p: float | None = typer.Option(None, "--p", help="Norm of MR2's class statistics (default 2; 5 when normalised)."),
-    margin_mode: str | None = typer.Option(None, "--margin-mode", help="scale (default) or additive."),
+    p: float | None = P_OPT,
+    margin_mode: str | None = MARGIN_MODE_OPT,
     head: str | None = typer.Option(None, "--head", help="linear, bn_linear (MAE probe protocol) or zeroshot (CLIP)."),
-    optimizer: str | None = typer.Option(None, "--optimizer", help="adamw or sgd."),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
+    optimizer: str | None = OPTIMIZER_OPT,
+    lr: float | None = LR_OPT,
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs of each fit."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size of each fit."),
-    warmup_epochs: float | None = typer.Option(None, "--warmup-epochs", help="Linear warm-up, then cosine."),
+    warmup_epochs: float | None = WARMUP_EPOCHS_OPT,
     seed: int | None = typer.Option(None, "--seed", help="First training seed, and the validation split's seed."),
-    num_workers: int | None = typer.Option(None, "--num-workers", help="Image decoding workers."),
-    extract_batch_size: int | None = typer.Option(None, "--extract-batch-size", help="Batch of the feature pass."),
-    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Feature cache folder (default ~/.cache/mr2ft)."),
+    num_workers: int | None = NUM_WORKERS_OPT,
+    extract_batch_size: int | None = EXTRACT_BATCH_SIZE_OPT,
+    cache_dir: str | None = CACHE_DIR_OPT,
     wd_grid: str | None = typer.Option(None, "--wd-grid", help="Comma-separated weight decays tried on validation."),
     cbar_grid: str | None = typer.Option(
         None, "--cbar-grid", help="Comma-separated grid of MR2's and the control's c_bar (and ERM's temperature)."
     ),
-    sweep_criterion: str | None = typer.Option(None, "--sweep-criterion", help="overall or hard (group accuracy)."),
+    sweep_criterion: str | None = SWEEP_CRITERION_OPT,
     out: str | None = typer.Option(None, "--out", help="Study folder (default runs/<backbone>-<dataset>-study-TIME)."),
     overwrite: bool | None = typer.Option(None, "--overwrite", help="Replace an existing study folder."),
     recipe: str | None = typer.Option(

@@ -21,7 +21,8 @@ from mr2ft.io import write_text
 
 T = TypeVar("T")
 
-RECIPE_DIRS = [Path(__file__).resolve().parent / "recipes", Path(__file__).resolve().parent.parent / "recipes"]
+# Shipped inside the package (so a wheel has them); the repository's top-level recipes/ links here.
+RECIPE_DIRS = [Path(__file__).resolve().parent / "recipes"]
 
 
 @dataclass(frozen=True)

@@ -513,6 +513,7 @@ class Trainer:
             seed=cfg.seed,
             shots=cfg.shots,
             max_per_class=cfg.max_per_class,
+            test_max_per_class=cfg.test_max_per_class,
             skip_bad_images=cfg.skip_bad_images,
         )
         self.num_classes = k = splits.num_classes

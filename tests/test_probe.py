@@ -263,3 +263,36 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_succeeds(images, cache, t
     ok(probe("--dataset", str(images), "--cache-dir", str(cache), "--out", str(out), "--overwrite", "--loss", "mr2"))
     assert json.loads((out / "classes.json").read_text())["loss"] == "mr2"
     assert not list(tmp_path.glob(".run.replaced-*"))
+
+
+@pytest.mark.parametrize("family", ["clip", "clip-dir", "mae", "mae-hf", "mocov2", "timm-vit"])
+def test_probe_per_family_from_real_checkpoint_formats(images, tmp_path, family):
+    from _models import write_tiny_checkpoint
+
+    tiny = write_tiny_checkpoint(family, tmp_path / "weights")
+    backbone = ["--backbone", tiny["family"], "--weights", tiny["weights"], "--image-size", "32"]
+    if tiny["model"]:
+        backbone += ["--model", tiny["model"]]
+    out = tmp_path / "run"
+    head = ["--head", "zeroshot"] if family == "clip" else []
+    ok(
+        probe(
+            "--dataset",
+            str(images),
+            "--loss",
+            "mr2",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--out",
+            str(out),
+            *head,
+            backbone=backbone,
+        )
+    )
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["backbone"] == tiny["family"]
+    text = (out / "config.yaml").read_text()
+    assert f"feature_dim: {tiny['feature_dim']}" in text
+    assert ("normalized_features: true" in text) == family.startswith("clip")
+    stats = load_tensors(out / "class_stats.safetensors")
+    assert stats["seen"].all()
