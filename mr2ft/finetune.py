@@ -80,7 +80,7 @@ RESUMABLE_CHANGES = frozenset(
     }
 )
 # The losses that may train on soft targets (mixup, cutmix, label smoothing); the others, MR2 above all, are
-# defined on hard labels (MR2_SPEC §5), so the combination is refused rather than silently mixed.
+# defined on hard labels, so the combination is refused rather than silently mixed.
 SOFT_TARGET_LOSSES = ("ce",)
 
 
@@ -158,8 +158,8 @@ def validate(cfg: FinetuneConfig) -> None:
     soft = [n for n, v in (("mixup", cfg.mixup), ("cutmix", cfg.cutmix), ("label smoothing", cfg.label_smoothing)) if v]
     if soft and cfg.loss not in SOFT_TARGET_LOSSES:
         raise UserError(
-            f"{' and '.join(soft)} make soft targets, but --loss {cfg.loss} is defined on hard labels only "
-            f"(MR2_SPEC §5); drop --{soft[0].replace(' ', '-')} or use --loss ce"
+            f"{' and '.join(soft)} {'make' if len(soft) > 1 else 'makes'} soft targets, but --loss {cfg.loss} is "
+            f"defined on hard labels only; drop --{soft[0].replace(' ', '-')} or use --loss ce"
         )
     if (cfg.mixup or cfg.cutmix) and cfg.batch_size % 2:
         raise UserError(f"mixup/cutmix pair each image with another: --batch-size must be even, got {cfg.batch_size}")

@@ -1,4 +1,4 @@
-"""MR2: logit margin from class statistics plus a representation margin (MR2_SPEC §2-§4)."""
+"""MR2: logit margin from class statistics plus a representation margin (arXiv 2602.00205, sections 3-4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-class feature statistics that set MR2's margins (MR2_SPEC §1).
+"""Per-class feature statistics that set MR2's margins.
 
 For each class k: ``M_k = ||mu_k||_p^2`` (squared p-norm of the class mean), ``S_k = mean_i ||z_i - mu_k||_p^2``
 (spread), and ``S2_k``, the spread in L2 whatever p is (used by the representation margin).
