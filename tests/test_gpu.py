@@ -1,0 +1,72 @@
+"""CUDA path checks (bf16 autocast, multi-worker loading). Skipped without a GPU; CI never has one.
+
+Run them with ``scripts/gpu_check.sh`` on a machine with a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _models import load_tiny, write_tiny_checkpoint
+from typer.testing import CliRunner
+
+from mr2ft.cli import app
+from mr2ft.features import extract_features
+from mr2ft.io import load_tensors
+from tests._images import make_image_folder
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+runner = CliRunner()
+
+
+def test_bf16_feature_extraction_matches_fp32(tmp_path):
+    from mr2ft.data import TransformedDataset, load_dataset
+
+    bb = load_tiny("timm-vit", tmp_path / "w")
+    splits = load_dataset(str(make_image_folder(tmp_path / "img", num_classes=3, per_class=8, size=32)))
+    ds = TransformedDataset(splits.train, bb.preprocess.eval_transform())
+    gpu, _ = extract_features(bb.model, ds, batch_size=8, num_workers=4, device=torch.device("cuda"), progress=False)
+    cpu, _ = extract_features(bb.model, ds, batch_size=8, num_workers=0, device=torch.device("cpu"), progress=False)
+    cos = torch.nn.functional.cosine_similarity(gpu, cpu, dim=1)
+    assert cos.min() > 0.99, cos
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_finetune_mixed_precision_with_workers(tmp_path, precision):
+    tiny = write_tiny_checkpoint("timm-vit", tmp_path / "w")
+    images = make_image_folder(tmp_path / "img", num_classes=3, per_class=8, size=32)
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--backbone",
+            "timm",
+            "--model",
+            tiny["model"],
+            "--weights",
+            tiny["weights"],
+            "--image-size",
+            "32",
+            "--dataset",
+            str(images),
+            "--loss",
+            "mr2",
+            "--batch-size",
+            "6",
+            "--max-steps",
+            "3",
+            "--num-workers",
+            "4",
+            "--mixed-precision",
+            precision,
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    stats = load_tensors(out / "class_stats.safetensors")
+    assert stats["M"].dtype == torch.float32 and torch.isfinite(stats["M"]).all()
+    assert json.loads((out / "report.json").read_text())["summary"]["num_images"] == 24
