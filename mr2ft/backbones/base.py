@@ -278,7 +278,7 @@ class Backbone:
     feature_dim: int
     preprocess: Preprocess
     source: str
-    fingerprint: str
+    fingerprint: str = ""  # set by finish() from the fields above, the weights' identity and the load options
     num_layers: int = 0
     normalize: bool = False
     logit_scale: float = 1.0
@@ -378,13 +378,24 @@ def _is_token(name: str) -> bool:
     return any(part in _NO_DECAY_NAMES for part in name.split("."))
 
 
-def finish(bb: Backbone) -> Backbone:
-    """Put the model in eval mode and log what was loaded (source and preprocessing).
+def finish(bb: Backbone, weights: str, **details: Any) -> Backbone:
+    """Fingerprint the backbone, put the model in eval mode and log what was loaded (source and preprocessing).
 
-    Random weights differ from one initialisation to the next, so their fingerprint (the feature-cache key) also
-    hashes the initialised tensors: two random models never share cached features.
+    The fingerprint (the feature-cache key) hashes the family, architecture, ``weights`` (the identity of the
+    weights: a file's path, size and mtime, a hub id or tag), normalisation, preprocessing and any family-specific
+    ``details`` that change the features (pooling, image size, model config). Random weights differ from one
+    initialisation to the next, so their fingerprint also hashes the initialised tensors: two random models never
+    share cached features.
     """
     bb.model.eval()
+    bb.fingerprint = make_fingerprint(
+        family=bb.family,
+        arch=bb.name,
+        weights=weights,
+        normalize=bb.normalize,
+        preprocess=bb.preprocess.to_dict(),
+        **details,
+    )
     if bb.source.startswith("random"):
         from mr2ft.io import state_checksum
 

@@ -40,7 +40,6 @@ from mr2ft.backbones.base import (
     is_hub_id,
     load_checked,
     logger,
-    make_fingerprint,
     parse_options,
     read_checkpoint,
     url_download,
@@ -389,15 +388,6 @@ def load(model: str | None, weights: str | None, options: dict[str, Any]) -> Bac
     preprocess = _preprocess(spec, visual, opts.image_size)
     layer_id, num_layers = _layer_ids(visual)
     feature_dim = int(getattr(visual, "output_dim", 0) or spec.model_cfg["embed_dim"])
-    fingerprint = make_fingerprint(
-        family="clip",
-        arch=spec.name,
-        config=spec.model_cfg,
-        weights=spec.identity,
-        normalize=normalize,
-        image_size=opts.image_size,
-        preprocess=preprocess.to_dict(),
-    )
     return finish(
         Backbone(
             family="clip",
@@ -406,13 +396,15 @@ def load(model: str | None, weights: str | None, options: dict[str, Any]) -> Bac
             feature_dim=feature_dim,
             preprocess=preprocess,
             source=spec.source,
-            fingerprint=fingerprint,
             num_layers=num_layers,
             normalize=normalize,
             logit_scale=float(clip_model.logit_scale.detach().exp().item()),
             layer_id=layer_id,
             encode_text=_text_encoder(clip_model, _tokenizer_factory(spec)),
-        )
+        ),
+        config=spec.model_cfg,
+        weights=spec.identity,
+        image_size=opts.image_size,
     )
 
 

@@ -42,7 +42,6 @@ from mr2ft.backbones.base import (
     is_hub_id,
     load_checked,
     logger,
-    make_fingerprint,
     parse_options,
     read_checkpoint,
 )
@@ -134,15 +133,6 @@ def _load_hf(folder: Path, label: str, identity: str, opts: Options) -> Backbone
     mean, std = _hf_normalisation(folder)
     preprocess = Preprocess.create(input_size=size, crop_pct=_MAE_CROP_PCT, mean=mean, std=std, interpolation="bicubic")
     name = f"vit_mae(hidden={config.hidden_size}, layers={config.num_hidden_layers}, patch={config.patch_size})"
-    fingerprint = make_fingerprint(
-        family="mae",
-        arch=name,
-        weights=identity,
-        pool=pool,
-        normalize=normalize,
-        image_size=opts.image_size,
-        preprocess=preprocess.to_dict(),
-    )
     n = int(config.num_hidden_layers)
     return finish(
         Backbone(
@@ -152,11 +142,13 @@ def _load_hf(folder: Path, label: str, identity: str, opts: Options) -> Backbone
             feature_dim=int(config.hidden_size),
             preprocess=preprocess,
             source=label,
-            fingerprint=fingerprint,
             num_layers=n,
             normalize=normalize,
             layer_id=_hf_layer_ids(n),
-        )
+        ),
+        weights=identity,
+        pool=pool,
+        image_size=opts.image_size,
     )
 
 
@@ -293,15 +285,6 @@ def _assemble(net: nn.Module, arch: str, name: str, source: str, identity: str, 
     normalize = bool(opts.normalize)
     preprocess = _mae_preprocess(net, arch, opts.image_size)
     layer_id, num_layers = timm_family.layer_ids(net)
-    fingerprint = make_fingerprint(
-        family="mae",
-        arch=name,
-        weights=identity,
-        pool=pool,
-        normalize=normalize,
-        image_size=opts.image_size,
-        preprocess=preprocess.to_dict(),
-    )
     return finish(
         Backbone(
             family="mae",
@@ -310,12 +293,14 @@ def _assemble(net: nn.Module, arch: str, name: str, source: str, identity: str, 
             feature_dim=int(net.num_features),
             preprocess=preprocess,
             source=source,
-            fingerprint=fingerprint,
             num_layers=num_layers,
             normalize=normalize,
             layer_id=layer_id,
             no_weight_decay=timm_family.no_weight_decay(net),
-        )
+        ),
+        weights=identity,
+        pool=pool,
+        image_size=opts.image_size,
     )
 
 

@@ -32,7 +32,6 @@ from mr2ft.backbones.base import (
     finish,
     load_checked,
     logger,
-    make_fingerprint,
     parse_options,
     read_checkpoint,
     url_download,
@@ -122,14 +121,6 @@ def load(model: str | None, weights: str | None, options: dict[str, Any]) -> Bac
     )
     normalize = bool(opts.normalize)
     layer_id, num_layers = timm_family.layer_ids(net)
-    fingerprint = make_fingerprint(
-        family="mocov2",
-        arch=name,
-        weights=identity,
-        normalize=normalize,
-        image_size=opts.image_size,
-        preprocess=preprocess.to_dict(),
-    )
     return finish(
         Backbone(
             family="mocov2",
@@ -138,11 +129,12 @@ def load(model: str | None, weights: str | None, options: dict[str, Any]) -> Bac
             feature_dim=int(net.num_features),
             preprocess=preprocess,
             source=source,
-            fingerprint=fingerprint,
             num_layers=num_layers,
             normalize=normalize,
             layer_id=layer_id,
-        )
+        ),
+        weights=identity,
+        image_size=opts.image_size,
     )
 
 

@@ -42,7 +42,6 @@ from mr2ft.backbones.base import (
     is_hub_id,
     load_checked,
     logger,
-    make_fingerprint,
     map_by_position,
     parse_options,
     read_checkpoint,
@@ -449,15 +448,6 @@ def load(model: str | None, weights: str | None, options: dict[str, Any]) -> Bac
     normalize = bool(opts.normalize)
     layer_id, num_layers = layer_ids(net)
     feature_dim = int(getattr(net, "num_features", 0) or _probe_dim(net, preprocess.input_size))
-    fingerprint = make_fingerprint(
-        family="timm",
-        arch=built.name,
-        weights=built.identity,
-        pool=opts.pool,
-        normalize=normalize,
-        image_size=opts.image_size,
-        preprocess=preprocess.to_dict(),
-    )
     return finish(
         Backbone(
             family="timm",
@@ -466,12 +456,14 @@ def load(model: str | None, weights: str | None, options: dict[str, Any]) -> Bac
             feature_dim=feature_dim,
             preprocess=preprocess,
             source=built.source,
-            fingerprint=fingerprint,
             num_layers=num_layers,
             normalize=normalize,
             layer_id=layer_id,
             no_weight_decay=no_weight_decay(net),
-        )
+        ),
+        weights=built.identity,
+        pool=opts.pool,
+        image_size=opts.image_size,
     )
 
 
