@@ -51,14 +51,14 @@ GROUP_COLORS = {"easy": "#2a9d58", "medium": "#e0a526", "hard": "#d1495b", None:
 # ---- building the report ----------------------------------------------------------------------------------------
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON-safe copy: NaN/inf become None, numpy scalars and arrays become Python values."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return _clean(obj.tolist())
+        return json_safe(obj.tolist())
     if isinstance(obj, (np.integer, bool)):
         return obj if isinstance(obj, bool) else int(obj)
     if isinstance(obj, (float, np.floating)):
@@ -94,7 +94,8 @@ def _check_run(run: dict) -> int:
     return k
 
 
-def _stat(run: dict, key: str, k: int) -> np.ndarray:
+def class_stat(run: dict, key: str, k: int) -> np.ndarray:
+    """Per-class statistic ``key`` of a loaded run (K floats); NaN where the run has none or never saw the class."""
     stats = run.get("stats") or {}
     if key not in stats:
         return np.full(k, np.nan)
@@ -172,7 +173,7 @@ def build_report(run: dict, baseline: dict | None = None) -> dict:
     prec = np.asarray(summary["per_class_precision"], dtype=np.float64)
     groups = np.asarray(summary["class_groups"])
     gnames = metrics.group_names(len(summary["groups"]))
-    spread, gamma = _stat(run, "S", k), _stat(run, "gamma", k)
+    spread, gamma = class_stat(run, "S", k), class_stat(run, "gamma", k)
     has_stats = bool(run.get("stats"))
 
     rows = []
@@ -255,7 +256,7 @@ def build_report(run: dict, baseline: dict | None = None) -> dict:
         "confused_pairs": _confused_pairs(conf, names),
         "per_class": rows,
     }
-    return _clean(report)
+    return json_safe(report)
 
 
 # ---- text renderers --------------------------------------------------------------------------------------------
@@ -315,7 +316,8 @@ def headline(report: dict) -> str:
     return " | ".join(parts)
 
 
-def _md(text: object) -> str:
+def md_escape(text: object) -> str:
+    """Text safe inside a Markdown table cell."""
     text = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
     # Class names are text: keep a name like "<b>" from becoming inline HTML in rendered Markdown.
     return text.replace("<", "\\<").replace(">", "\\>")
@@ -338,9 +340,9 @@ def render_markdown(report: dict) -> str:
     """``report.md``: the figures, the grouping, the hardest classes, confusions and (small K) every class."""
     r = report["run"]
     base = report["baseline"]
-    lines = [f"# mr2ft report: {_md(r['name'])}", ""]
+    lines = [f"# mr2ft report: {md_escape(r['name'])}", ""]
     facts = [f"run `{r['path']}`"]
-    facts += [f"{key} {_md(r[key])}" for key in ("dataset", "backbone") if r.get(key)]
+    facts += [f"{key} {md_escape(r[key])}" for key in ("dataset", "backbone") if r.get(key)]
     facts += [f"{report['num_classes']} classes", f"{report['num_images']} test images"]
     lines += [", ".join(facts) + ".", ""]
     if base:
@@ -353,11 +355,11 @@ def render_markdown(report: dict) -> str:
     header = "| figure | this run |" + (" baseline | change |" if base else "")
     lines += [header, "|---|---:|" + ("---:|---:|" if base else "")]
     for _, label, value, bvalue, delta in _headline_rows(report):
-        cells = f"| {_md(label)} | {_fmt(value)} |"
+        cells = f"| {md_escape(label)} | {_fmt(value)} |"
         if base:
             cells += f" {_fmt(bvalue)} | {_fmt_delta(delta)} |"
         lines.append(cells)
-    lines += ["", f"Grouping: {_md(report['grouping']['rule'])}", ""]
+    lines += ["", f"Grouping: {md_escape(report['grouping']['rule'])}", ""]
     corr = report["correlations"]
     if corr["spread_vs_accuracy"] is not None or corr["gamma_vs_accuracy"] is not None:
         lines += [
@@ -372,7 +374,7 @@ def render_markdown(report: dict) -> str:
     if report["confused_pairs"]:
         lines += ["| true class | predicted as | images | share of true class |", "|---|---|---:|---:|"]
         lines += [
-            f"| {_md(p['true_name'])} | {_md(p['pred_name'])} | {p['count']} | {_fmt(p['share'])} |"
+            f"| {md_escape(p['true_name'])} | {md_escape(p['pred_name'])} | {p['count']} | {_fmt(p['share'])} |"
             for p in report["confused_pairs"]
         ]
     else:
@@ -392,7 +394,7 @@ def _md_class_table(rows: Sequence[dict], with_baseline: bool) -> list[str]:
     ]
     for row in rows:
         line = (
-            f"| {_md(row['name'])} | {row['group'] or '-'} | {row['support']} | {_fmt(row['accuracy'])} | "
+            f"| {md_escape(row['name'])} | {row['group'] or '-'} | {row['support']} | {_fmt(row['accuracy'])} | "
             f"{_fmt(row['precision'])} |"
         )
         if with_baseline:
@@ -404,13 +406,15 @@ def _md_class_table(rows: Sequence[dict], with_baseline: bool) -> list[str]:
 # ---- HTML and plots --------------------------------------------------------------------------------------------
 
 
-def _png(fig: Any) -> str:
+def png_base64(fig: Any) -> str:
+    """A matplotlib figure as base64 PNG, for an ``<img src="data:image/png;base64,...">`` in a self-contained page."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _label(name: str, width: int = 24) -> str:
+def plot_label(name: str, width: int = 24) -> str:
+    """A class name as a matplotlib tick label: shortened to ``width`` and never read as math."""
     # Matplotlib reads $...$ as math; class names are plain text.
     name = name if len(name) <= width else name[: width - 1] + "…"
     return name.replace("$", r"\$")
@@ -480,11 +484,11 @@ def _plots(report: dict) -> list[tuple[str, str, str]]:
     ax.set_ylim(0, 102)
     ax.set_ylabel("accuracy (%)")
     if labelled:
-        ax.set_xticks(x, [_label(names[i]) for i in order], rotation=90, fontsize=8)
+        ax.set_xticks(x, [plot_label(names[i]) for i in order], rotation=90, fontsize=8)
     else:
         who = "the baseline's" if base else "this run's"
         ax.set_xlabel(f"{k} classes ranked by {who} accuracy, most accurate first (names in the table below)")
-    plots.append(("Per-class accuracy", caption, _png(fig)))
+    plots.append(("Per-class accuracy", caption, png_base64(fig)))
 
     fig = Figure(figsize=(8, 3.8), layout="constrained")
     ax = fig.subplots()
@@ -509,7 +513,7 @@ def _plots(report: dict) -> list[tuple[str, str, str]]:
         (
             "Groups",
             "Overall, balanced and per-group mean accuracy; the worst 10% and the single worst class.",
-            _png(fig),
+            png_base64(fig),
         )
     )
 
@@ -548,17 +552,17 @@ def _plots(report: dict) -> list[tuple[str, str, str]]:
             ]
             for i in worst:
                 ax.annotate(
-                    _label(names[i], 18), (values[i], acc[i]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                    plot_label(names[i], 18), (values[i], acc[i]), fontsize=7, xytext=(3, 3), textcoords="offset points"
                 )
             named = " The five least accurate classes are named."
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"Spearman rank correlation {_fmt(rho, 2)}", fontsize=10)
-        plots.append((title, f"{caption} Colours are groups.{named}", _png(fig)))
+        plots.append((title, f"{caption} Colours are groups.{named}", png_base64(fig)))
     return plots
 
 
-_CSS = """
+PAGE_CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1080px;padding:1em 1.5em;
 color:#222}
 h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -622,7 +626,7 @@ def render_html(report: dict) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>mr2ft report: {_e(r['name'])}</title><style>{_CSS}</style></head><body>",
+        f"<title>mr2ft report: {_e(r['name'])}</title><style>{PAGE_CSS}</style></head><body>",
         f"<h1>mr2ft report: {_e(r['name'])}</h1>",
     ]
     facts = [f"run <code>{_e(r['path'])}</code>"]
@@ -826,7 +830,7 @@ def compare_runs(
             row["intervals"] = {key: [f["low"], f["high"]] for key, f in boot["figures"].items()}
         rows.append(row)
     source = "baseline" if baseline_dir is not None else "first run"
-    return _clean(
+    return json_safe(
         {
             "reference": {"path": str(ref["path"]), "name": names[0], "is_baseline": baseline_dir is not None},
             "num_classes": k,
@@ -914,9 +918,9 @@ def compare_markdown(result: dict) -> str:
         "|---|" + "---:|" * len(keys),
     ]
     for row in result["rows"]:
-        name = _md(row["name"]) + (" (reference)" if row["is_reference"] else "")
+        name = md_escape(row["name"]) + (" (reference)" if row["is_reference"] else "")
         lines.append(f"| {name} | " + " | ".join(_compare_cell(row, key) for key in keys) + " |")
-    return "\n".join(lines) + "\n\n" + _md(_compare_note(result)) + "\n"
+    return "\n".join(lines) + "\n\n" + md_escape(_compare_note(result)) + "\n"
 
 
 def compare_csv(result: dict) -> str:

@@ -279,8 +279,8 @@ def finetune_settings(cfg: StudyConfig) -> FinetuneConfig:
 # ---- analysis ----------------------------------------------------------------------------------------------------
 
 
-def _clean(obj: Any) -> Any:
-    from mr2ft.report import _clean as clean
+def json_safe(obj: Any) -> Any:
+    from mr2ft.report import json_safe as clean
 
     return clean(obj)
 
@@ -367,7 +367,7 @@ def analyze(
             "each method (independently), so seed-to-seed variation is in the interval",
         },
     }
-    out = _clean(out)
+    out = json_safe(out)
     out["verdict"] = verdict(out["comparisons"], ci)
     return out
 
@@ -492,8 +492,8 @@ def diagnostics(
     }
 
 
-def _stat(run: dict, key: str, k: int) -> np.ndarray:
-    from mr2ft.report import _stat as stat
+def class_stat(run: dict, key: str, k: int) -> np.ndarray:
+    from mr2ft.report import class_stat as stat
 
     return stat(run, key, k)
 
@@ -510,12 +510,12 @@ def build_study(cfg: StudyConfig, folder: Path, records: list[dict], split: str)
                 raise UserError(f"{run['path']} was tested on other classes or images than {ref['path']}; run it again")
     result = analyze(ref["targets"], {m: [r["preds"] for r in runs[m]] for m in METHODS}, k, cfg.n_boot, cfg.seed)
     if cfg.mode == "probe":
-        spread = _stat(ref, "S", k)
+        spread = class_stat(ref, "S", k)
         spread_source = "exact statistics of the training features (every run shares them)"
     else:
-        spread = np.nanmean([_stat(r, "S", k) for r in runs["mr2"]], axis=0)
+        spread = np.nanmean([class_stat(r, "S", k) for r in runs["mr2"]], axis=0)
         spread_source = "MR2 runs' class statistics at the end of training (EMA), mean over seeds"
-    gamma = np.nanmean([_stat(r, "gamma", k) for r in runs["mr2"]], axis=0)
+    gamma = np.nanmean([class_stat(r, "gamma", k) for r in runs["mr2"]], axis=0)
     diag = diagnostics(result["per_class_accuracy"]["ce"], spread, gamma)
     diag.update(spread_source=spread_source, gamma_source="MR2 runs' margins, mean over seeds")
     caveats = [
@@ -593,7 +593,7 @@ def build_study(cfg: StudyConfig, folder: Path, records: list[dict], split: str)
         "per_class": per_class,
         "caveats": caveats,
     }
-    return _clean(study)
+    return json_safe(study)
 
 
 # ---- rendering ---------------------------------------------------------------------------------------------------
@@ -694,22 +694,22 @@ def print_study(console: Console, study: dict, folder: Path) -> None:
     console.print(f"Full report: {folder / 'study.html'}", highlight=False)
 
 
-def _md(text: object) -> str:
-    from mr2ft.report import _md as md
+def md_escape(text: object) -> str:
+    from mr2ft.report import md_escape as md
 
     return md(text)
 
 
 def render_markdown(study: dict) -> str:
     """``study.md``."""
-    lines = [f"# mr2ft study: {_md(study['backbone'])} on {_md(study['dataset'])}", ""]
+    lines = [f"# mr2ft study: {md_escape(study['backbone'])} on {md_escape(study['dataset'])}", ""]
     lines += [
         f"Mode {study['mode']}, {study['num_classes']} classes, {study['num_images']} test images, seeds "
         f"{', '.join(str(s) for s in study['seeds'])}.",
         "",
         "## Verdict",
         "",
-        _md(study["verdict"]["text"]),
+        md_escape(study["verdict"]["text"]),
         "",
         "## Results",
         "",
@@ -719,10 +719,10 @@ def render_markdown(study: dict) -> str:
     for label, cells, cis in table_rows(study):
         row = [f"{c} {i}".strip() for c, i in zip(cells, cis, strict=True)]
         name = f"**{label}**" if label.startswith("MR2 vs") else label
-        lines.append(f"| {name} | " + " | ".join(_md(c) for c in row) + " |")
-    lines += ["", _md(table_note(study)), "", "## Diagnostics", ""]
+        lines.append(f"| {name} | " + " | ".join(md_escape(c) for c in row) + " |")
+    lines += ["", md_escape(table_note(study)), "", "## Diagnostics", ""]
     lines += _diagnostic_lines(study)
-    lines += ["", "## Choices made on validation", "", _md(_split_text(study)), ""]
+    lines += ["", "## Choices made on validation", "", md_escape(_split_text(study)), ""]
     lines += ["| run | seed | weight decay | knob | value |", "|---|---:|---:|---|---:|"]
     for r in study["runs"]:
         lines.append(
@@ -733,13 +733,13 @@ def render_markdown(study: dict) -> str:
     lines.append("|---|---|---:|---:|---:|---:|---:|")
     for row in study["per_class"]:
         lines.append(
-            f"| {_md(row['name'])} | {row['group'] or '-'} | {_fmt(row['ce'])} | {_fmt(row['uniform'])} | "
+            f"| {md_escape(row['name'])} | {row['group'] or '-'} | {_fmt(row['ce'])} | {_fmt(row['uniform'])} | "
             f"{_fmt(row['mr2'])} | {_sig(row['spread_S'])} | {_sig(row['gamma'])} |"
         )
-    lines += ["", "## Caveats", ""] + [f"- {_md(c)}" for c in study["caveats"]]
+    lines += ["", "## Caveats", ""] + [f"- {md_escape(c)}" for c in study["caveats"]]
     lines += [
         "",
-        f"- {_md(study['grouping']['rule'])}",
+        f"- {md_escape(study['grouping']['rule'])}",
         "",
         "Run folders: " + ", ".join(f"`{r['dir']}`" for r in study["runs"]),
     ]
@@ -762,19 +762,19 @@ def _split_text(study: dict) -> str:
 def _diagnostic_lines(study: dict) -> list[str]:
     d = study["diagnostics"]
     lines = [
-        f"- Spearman(spread S, ERM accuracy) = {_fmt_d(d['spread_vs_accuracy'], 2)} ({_md(d['spread_source'])}); "
+        f"- Spearman(spread S, ERM accuracy) = {_fmt_d(d['spread_vs_accuracy'], 2)} ({md_escape(d['spread_source'])}); "
         "expected negative: hard classes are more spread out.",
-        f"- Spearman(margin γ, ERM accuracy) = {_fmt_d(d['gamma_vs_accuracy'], 2)} ({_md(d['gamma_source'])}); "
+        f"- Spearman(margin γ, ERM accuracy) = {_fmt_d(d['gamma_vs_accuracy'], 2)} ({md_escape(d['gamma_source'])}); "
         "expected negative: hard classes get larger margins.",
     ]
-    lines += [f"- **Warning:** {_md(w)}" for w in d["warnings"]]
+    lines += [f"- **Warning:** {md_escape(w)}" for w in d["warnings"]]
     return lines
 
 
 def _plots(study: dict) -> list[tuple[str, str, str]]:
     from matplotlib.figure import Figure
 
-    from mr2ft.report import GROUP_COLORS, _label, _png
+    from mr2ft.report import GROUP_COLORS, plot_label, png_base64
 
     plots = []
     colors = {"uniform_vs_ce": "#9a9a9a", "mr2_vs_ce": "#1f5fbf", ATTRIBUTION: "#d1495b"}
@@ -812,7 +812,7 @@ def _plots(study: dict) -> list[tuple[str, str, str]]:
             "Changes with 95% intervals",
             "Each change and its paired bootstrap interval over test images and seeds; red is the attribution "
             "(MR2 vs the matched control). For std, lower is better.",
-            _png(fig),
+            png_base64(fig),
         )
     )
 
@@ -829,11 +829,11 @@ def _plots(study: dict) -> list[tuple[str, str, str]]:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 102)
     if k <= 40:
-        ax.set_xticks(x, [_label(rows[i]["name"]) for i in order], rotation=90, fontsize=8)
+        ax.set_xticks(x, [plot_label(rows[i]["name"]) for i in order], rotation=90, fontsize=8)
     else:
         ax.set_xlabel(f"class rank by ERM accuracy ({k} classes)")
     ax.legend(loc="lower left", fontsize=8)
-    plots.append(("Per-class accuracy", "Mean over seeds, classes ranked by ERM's accuracy.", _png(fig)))
+    plots.append(("Per-class accuracy", "Mean over seeds, classes ranked by ERM's accuracy.", png_base64(fig)))
 
     d = study["diagnostics"]
     fig = Figure(figsize=(10, 4), layout="constrained")
@@ -849,14 +849,14 @@ def _plots(study: dict) -> list[tuple[str, str, str]]:
         ax.set_ylabel("ERM accuracy (%)")
         ax.set_title(f"Spearman {_fmt_d(rho, 2)} (expected negative)", fontsize=10)
     plots.append(
-        ("Diagnostics", "ERM's per-class accuracy against spread and margin; colours are the groups.", _png(fig))
+        ("Diagnostics", "ERM's per-class accuracy against spread and margin; colours are the groups.", png_base64(fig))
     )
     return plots
 
 
 def render_html(study: dict) -> str:
     """``study.html``: one self-contained page (inline CSS and base64 PNG plots; nothing fetched)."""
-    from mr2ft.report import _CSS
+    from mr2ft.report import PAGE_CSS
 
     e = html.escape
     title = f"mr2ft study: {study['backbone']} on {study['dataset']}"
@@ -864,7 +864,7 @@ def render_html(study: dict) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{e(title)}</title><style>{_CSS}.verdict{{font-size:1.1em;padding:.6em 1em;background:#f4f6fa;"
+        f"<title>{e(title)}</title><style>{PAGE_CSS}.verdict{{font-size:1.1em;padding:.6em 1em;background:#f4f6fa;"
         "border-left:4px solid #1f5fbf}.warn{color:#b00020}</style></head><body>",
         f"<h1>{e(title)}</h1>",
         f'<p class="meta">Mode {e(study["mode"])}, {study["num_classes"]} classes, {study["num_images"]} test images, '
