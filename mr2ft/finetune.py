@@ -40,6 +40,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -95,6 +96,10 @@ class FinetuneResult:
         stopped_early: ``--max-steps`` ended the run before its last epoch.
         train_images: images the training loop consumed in this process call (all processes).
         train_seconds: wall time of the training loop in this call, without evaluation and checkpoint writes.
+        images_per_step: images in one optimizer step (batch x processes x accumulation).
+        step_seconds: wall time of each optimizer step in this call (this process), from the end of the previous
+            step to the end of this one, so waiting for data counts; the first step of an epoch also carries
+            the loader's start. Their median is the steady-state step time.
     """
 
     run_dir: Path
@@ -103,6 +108,15 @@ class FinetuneResult:
     stopped_early: bool
     train_images: int = 0
     train_seconds: float = 0.0
+    images_per_step: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        """Steady-state training throughput (all processes): images per optimizer step over the median step."""
+        if not self.step_seconds:
+            return float("nan")
+        return self.images_per_step / statistics.median(self.step_seconds)
 
 
 # ---- validation --------------------------------------------------------------------------------------------------
@@ -600,6 +614,8 @@ class Trainer:
         # Our own scheduler, stepped once per optimizer step: accelerate's wrapper would step it once per
         # process, tying the schedule to the process count.
         self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps)
+        self.images_per_step = cfg.batch_size * acc.num_processes * cfg.grad_accum
+        self.step_seconds: list[float] = []  # of this call's optimizer steps (see FinetuneResult)
 
     def _soft_targets(self, k: int) -> Any:
         cfg = self.cfg
@@ -771,7 +787,7 @@ class Trainer:
             self.model.train()
             self.loss_fn.train()
             sums = {k: torch.tensor(v, device=acc.device) for k, v in st.sums.items()}
-            tick = time.perf_counter()
+            tick = last = time.perf_counter()
             for x, y in loader:
                 logged = self._micro_step(x, y)
                 for key, value in logged.items():
@@ -782,16 +798,21 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 st.step += 1
+                now = time.perf_counter()
+                self.step_seconds.append(now - last)
+                last = now
                 if self.main and st.step % LOG_EVERY == 0:
+                    recent = statistics.median(self.step_seconds[-LOG_EVERY:])
                     self._log(
-                        f"step {st.step}/{self.total_steps}  loss {logged['loss'].item():.4f}  lr {self._lr():.3g}"
+                        f"step {st.step}/{self.total_steps}  loss {logged['loss'].item():.4f}  lr {self._lr():.3g}  "
+                        f"{self.images_per_step / recent:.1f} images/s"
                     )
                 due = cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0
                 if due or self.stop_requested or self._reached_max_steps():
                     seconds += time.perf_counter() - tick
                     st.sums = {k: float(v) for k, v in sums.items()}
                     path = self.save_checkpoint()
-                    tick = time.perf_counter()
+                    tick = last = time.perf_counter()
                     if self.stop_requested:
                         self._log(
                             f"stopped at step {st.step}; checkpoint {path}; continue with --resume {self.run_dir}"
@@ -1063,7 +1084,16 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
             with _stop_on_signals(trainer):
                 stopped_early, images, seconds = trainer.train()
             summary = trainer.finish(stopped_early)
-        result = FinetuneResult(run_dir, summary, trainer.state.step, stopped_early, images, seconds)
+        result = FinetuneResult(
+            run_dir,
+            summary,
+            trainer.state.step,
+            stopped_early,
+            images,
+            seconds,
+            images_per_step=trainer.images_per_step,
+            step_seconds=trainer.step_seconds,
+        )
         if trainer.main:
             _print_summary(trainer, result)
         return result
@@ -1105,7 +1135,10 @@ def _print_summary(trainer: Trainer, result: FinetuneResult) -> None:
     table.add_row(*(f"{v:.2f}" for v in values))
     trainer.console.print(table)
     note = " (stopped by --max-steps)" if result.stopped_early else ""
-    trainer._log(f"{result.step} steps{note}; run folder {result.run_dir}")
+    speed = ""
+    if result.step_seconds:
+        speed = f", {result.images_per_second:.1f} images/s (median of {len(result.step_seconds)} steps)"
+    trainer._log(f"{result.step} steps{note}{speed}; run folder {result.run_dir}")
 
 
 __all__ = [

@@ -5,6 +5,8 @@ Everything runs on CPU with tiny random models at 32 px (tests/_models.py) and a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -303,6 +305,27 @@ def test_resuming_an_older_checkpoint_forgets_the_later_ones(images: Path, model
     whole = tmp_path / "whole"
     ok(finetune_args(whole, images, flags, "--loss", "mr2"))
     assert_same_run(whole, out)
+
+
+def test_step_timings_cover_each_optimizer_step_of_the_call(images: Path, models: Path, tmp_path: Path) -> None:
+    spec = write_tiny_checkpoint("timm", models / "timing")
+    common = dict(
+        backbone=spec["family"], model=spec["model"], weights=str(spec["weights"]), dataset=str(images),
+        epochs=2, batch_size=6, lr=1e-3, num_workers=0, grad_accum=2, checkpoint_every=1,
+    )  # fmt: skip
+    out = tmp_path / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        first = finetune.run(build_config(FinetuneConfig, out=str(out), max_steps=2, **common))
+        rest = finetune.run(build_config(FinetuneConfig, resume=str(out), **common))
+    # 3 batches per epoch with accumulation 2: steps of 2 and 1 batches, so 4 steps in all, 2 in each call.
+    assert (first.step, rest.step) == (2, 4)
+    for result in (first, rest):
+        assert len(result.step_seconds) == 2 and all(s > 0 for s in result.step_seconds)
+        assert result.images_per_step == 12
+        # The steps are inside the timed loop, and checkpoint writes (one per step here) are outside both.
+        assert sum(result.step_seconds) <= result.train_seconds + 1e-6
+        assert result.images_per_second == pytest.approx(12 / float(np.median(result.step_seconds)))
+    assert first.train_images == rest.train_images == 18  # one epoch each
 
 
 # ---- optimizer groups ------------------------------------------------------------------------------------------------
