@@ -542,7 +542,7 @@ class Trainer:
 
         from mr2ft.backbones import load_backbone
         from mr2ft.data import ClassBalancedBatchSampler, TransformedDataset, load_dataset
-        from mr2ft.losses import build_loss
+        from mr2ft.losses import WatchedLoss, build_loss
 
         cfg, acc = self.cfg, self.acc
         set_seed(cfg.seed)
@@ -594,6 +594,14 @@ class Trainer:
             class_counts=torch.as_tensor(counts),
         ).to(acc.device)
         self.mixup = self._soft_targets(k)
+        self.margins_applied = callable(getattr(self.loss_fn, "class_stats", None))
+        if not self.margins_applied and self.mixup is None:
+            # The report's spread column and the study's premise check read class statistics; a loss without
+            # them gets MR2's, watched on the same features (mixed images have no class, so not with mixup).
+            watch = build_loss(
+                "mr2", k, bb.feature_dim, p=cfg.p, momentum=cfg.momentum, normalize_features=bool(bb.normalize)
+            )
+            self.loss_fn = WatchedLoss(self.loss_fn, watch).to(acc.device)
 
         pin = acc.device.type == "cuda"
         self.train_set = SeededTransform(
@@ -1096,7 +1104,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
                         backbone=f"{trainer.bb.family}:{trainer.bb.name}",
                         loss=cfg.loss,
                         mode="finetune",
-                        margins_applied=callable(getattr(trainer.loss_fn, "class_stats", None)),
+                        margins_applied=trainer.margins_applied,
                         skipped_images=len(getattr(trainer.splits, "skipped", []) or []),
                     )
                 from accelerate.utils import set_seed

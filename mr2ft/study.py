@@ -513,8 +513,15 @@ def build_study(cfg: StudyConfig, folder: Path, records: list[dict], split: str)
         spread = class_stat(ref, "S", k)
         spread_source = "exact statistics of the training features (every run shares them)"
     else:
-        spread = np.nanmean([class_stat(r, "S", k) for r in runs["mr2"]], axis=0)
-        spread_source = "MR2 runs' class statistics at the end of training (EMA), mean over seeds"
+        # ERM's own features answer the premise (are its hard classes the spread-out ones?); a fine-tune keeps
+        # them as an EMA over its last steps. Where ERM runs kept none (older run folders), MR2's stand in.
+        erm = [class_stat(r, "S", k) for r in runs["ce"]]
+        if all(np.isfinite(s).any() for s in erm):
+            spread = np.nanmean(erm, axis=0)
+            spread_source = "ERM runs' class statistics at the end of training (EMA), mean over seeds"
+        else:
+            spread = np.nanmean([class_stat(r, "S", k) for r in runs["mr2"]], axis=0)
+            spread_source = "MR2 runs' class statistics at the end of training (EMA), mean over seeds"
     gamma = np.nanmean([class_stat(r, "gamma", k) for r in runs["mr2"]], axis=0)
     diag = diagnostics(result["per_class_accuracy"]["ce"], spread, gamma)
     diag.update(spread_source=spread_source, gamma_source="MR2 runs' margins, mean over seeds")

@@ -22,6 +22,7 @@ from mr2ft.losses import (
     LDAMLoss,
     LogitAdjustedLoss,
     MR2Loss,
+    WatchedLoss,
     build_loss,
     list_losses,
 )
@@ -117,6 +118,41 @@ def test_ema_update_matches_loop(b1, b2, beta):
     for name in ("M", "S", "S2"):
         expect = torch.tensor([v if v is not None else 0.0 for v in ref[name]], dtype=torch.float64)
         torch.testing.assert_close(getattr(stats, name).double(), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_watched_loss_is_the_wrapped_loss_plus_mr2_statistics_of_normalised_features():
+    g = torch.Generator().manual_seed(3)
+    K, d, beta = 4, 6, 0.8
+    watched = build_loss("ce", K, d)
+    watched = WatchedLoss(watched, MR2Loss(K, d, normalize_features=True, momentum=beta)).train()
+    ref = {"M": [None] * K, "S": [None] * K}
+    for y in (torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([1, 1, 3, 0, 3])):
+        logits = torch.randn(len(y), K, generator=g, requires_grad=True)
+        features = torch.randn(len(y), d, generator=g, requires_grad=True)
+        out = watched(logits, features, y)
+        out["loss"].backward()
+        # The loss and its gradient are plain cross-entropy's; the watched statistics take no gradient.
+        plain = logits.detach().clone().requires_grad_(True)
+        F.cross_entropy(plain, y).backward()
+        torch.testing.assert_close(out["loss"], F.cross_entropy(logits.detach(), y))
+        torch.testing.assert_close(logits.grad, plain.grad)
+        assert features.grad is None
+        bM, bS, _, present = loop_stats(F.normalize(features.detach(), dim=1), y, K, 5.0)  # p = 5 when normalised
+        for k in range(K):
+            if present[k]:
+                for name, val in (("M", bM[k]), ("S", bS[k])):
+                    old = ref[name][k]
+                    ref[name][k] = float(val) if old is None else beta * old + (1 - beta) * float(val)
+    stats = watched.class_stats()
+    assert stats["seen"].all()
+    for name in ("M", "S"):
+        torch.testing.assert_close(
+            stats[name].double(), torch.tensor(ref[name], dtype=torch.float64), rtol=1e-4, atol=1e-6
+        )
+    # Evaluation mode leaves them alone; the state dict carries them.
+    watched.eval()(torch.randn(3, K), torch.randn(3, d), torch.tensor([0, 1, 2]))
+    assert torch.equal(watched.class_stats()["S"], stats["S"])
+    assert {k for k in watched.state_dict() if k.startswith("watch.stats.")} >= {"watch.stats.M", "watch.stats.S"}
 
 
 def test_first_sight_takes_batch_value_even_when_zero():

@@ -340,3 +340,7 @@ def test_finetune_mode_runs_every_method_from_the_same_settings(images, tmp_path
         assert len({str(c[key]) for c in configs.values()}) == 1, key
     assert yaml.safe_load((out / "finetune_config.yaml").read_text())["command"] == "finetune"
     assert (out / "study.html").is_file() and "Verdict:" in result.output
+    # ERM's own fine-tune recorded class statistics, and the premise check reads them.
+    erm = next(r for r in s["runs"] if r["method"] == "ce")
+    assert (out / erm["dir"] / "class_stats.safetensors").is_file()
+    assert s["diagnostics"]["spread_source"].startswith("ERM runs'")

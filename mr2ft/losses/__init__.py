@@ -19,7 +19,7 @@ from torch import nn
 
 from mr2ft.errors import UserError
 from mr2ft.losses.baselines import ClassDROLoss, CrossEntropy, FocalLoss, LDAMLoss, LogitAdjustedLoss
-from mr2ft.losses.mr2 import MR2Loss, default_p, representation_margin
+from mr2ft.losses.mr2 import MR2Loss, WatchedLoss, default_p, representation_margin
 from mr2ft.losses.stats import ClassStatistics
 
 LossBuilder = Callable[..., nn.Module]
@@ -102,6 +102,7 @@ def _dro(num_classes: int, feature_dim: int, dro_step_size: float = 0.01, **_) -
 __all__ = [
     "ClassStatistics",
     "MR2Loss",
+    "WatchedLoss",
     "CrossEntropy",
     "FocalLoss",
     "LDAMLoss",

@@ -134,6 +134,12 @@ class MR2Loss(nn.Module):
         self.frozen.fill_(True)
         self._frozen = True
 
+    @torch.no_grad()
+    def observe(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """Update the statistics from one batch as a training step would, computing no loss."""
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            self.stats.update(self._features(features.detach()), targets)
+
     def margins(self) -> torch.Tensor:
         """The current per-class margins gamma (K,)."""
         if not self.class_dependent:
@@ -187,3 +193,26 @@ class MR2Loss(nn.Module):
             "gamma": self.margins().detach().cpu(),
             "seen": self.stats.seen.detach().cpu(),
         }
+
+
+class WatchedLoss(nn.Module):
+    """A loss that keeps no class statistics, plus the statistics MR2 would keep on the same features.
+
+    The loss value and its gradients are the wrapped loss's own; the statistics only watch (updated in training
+    mode, from the global batch), so a CE run's report and study can show per-class spread and the margins MR2
+    would have set (at ``c_bar`` 1), measured the same way as an MR2 run's. ``state_dict`` holds both modules.
+    """
+
+    def __init__(self, loss: nn.Module, watch: MR2Loss) -> None:
+        super().__init__()
+        self.loss = loss
+        self.watch = watch
+
+    def forward(self, logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.watch.observe(features, targets)
+        return self.loss(logits, features, targets)
+
+    def class_stats(self) -> dict[str, torch.Tensor]:
+        """The watched statistics: M, S, S2, gamma (margins not applied) and seen per class."""
+        return self.watch.class_stats()
