@@ -58,6 +58,7 @@ from mr2ft import runs
 from mr2ft.config import FinetuneConfig, build_config, dump_config
 from mr2ft.errors import UserError
 from mr2ft.io import append_jsonl, atomic_path, load_tensors, read_jsonl, save_tensors, write_json, write_text
+from mr2ft.perf import keep_freed_memory
 
 CHECKPOINTS = "checkpoints"
 BEST = "best.json"
@@ -1082,6 +1083,8 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
         run_dir = Path(cfg.out) if cfg.out else runs.default_run_dir(cfg.backbone, cfg.dataset, cfg.loss)
         runs.check_run_dir(run_dir, overwrite=cfg.overwrite)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # fewer page faults per step (see mr2ft.perf)
     try:
         accelerator.wait_for_everyone()  # every process checked the folder before the first one creates it
         trainer = Trainer(cfg, accelerator, run_dir)
