@@ -21,4 +21,4 @@ lint: setup
 bench: setup
 	.venv/bin/python benchmarks/loss_overhead.py | tee benchmarks/loss_overhead.txt
 	.venv/bin/python benchmarks/probe_cost.py | tee benchmarks/probe_cost.txt
-	.venv/bin/python benchmarks/finetune_throughput.py --threads 1 --repeats 7 | tee benchmarks/finetune_throughput.txt
+	.venv/bin/python benchmarks/finetune_throughput.py | tee benchmarks/finetune_throughput.txt

@@ -12,6 +12,6 @@ export PYTHONUNBUFFERED=1
     | tee "$out/device.txt" || exit 1
 "$py" -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt"
 "$py" benchmarks/finetune_throughput.py --model vit_small_patch16_224 --image-size 224 --batch-size 128 \
-    --per-class 64 --num-workers 8 --repeats 3 2>&1 | tee "$out/finetune_throughput_gpu.txt"
+    --per-class 64 --num-workers 8 --repeats 4 --mixed-precision bf16 2>&1 | tee "$out/finetune_throughput_gpu.txt"
 "$py" benchmarks/probe_cost.py --model resnet50 --size 224 --per-class 100 --batch 256 --workers 8 2>&1 \
     | tee "$out/probe_cost_gpu.txt"
