@@ -768,6 +768,13 @@ class Trainer:
         rank_file = ckpt / f"rank{acc.process_index}.pt"
         loss_file = ckpt / f"loss_rank{acc.process_index}.safetensors"
         loss_state = load_tensors(loss_file)
+        expected = set(self.loss_fn.state_dict())
+        if set(loss_state) != expected:
+            missing, unexpected = sorted(expected - set(loss_state)), sorted(set(loss_state) - expected)
+            raise UserError(
+                f"{loss_file} does not hold the loss state this run keeps (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}): another version of mr2ft wrote it; start a new run with another --out"
+            )
         self.loss_fn.load_state_dict({k: v.to(acc.device) for k, v in loss_state.items()}, strict=True)
         per_rank = _torch_load(rank_file, "checkpoint")
         st = self.state

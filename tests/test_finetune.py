@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from mr2ft import finetune
 from mr2ft.cli import app
 from mr2ft.config import FinetuneConfig, build_config
-from mr2ft.io import load_tensors, read_jsonl
+from mr2ft.io import load_tensors, read_jsonl, save_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -291,6 +291,18 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(images: Path, m
     empty.mkdir()
     assert "no checkpoint" in error_line(invoke(["finetune", "--resume", str(empty)]))
     assert "no such folder" in error_line(invoke(["finetune", "--resume", str(tmp_path / "nope")]))
+
+
+def test_resume_refuses_a_checkpoint_whose_loss_state_does_not_fit(images: Path, models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ok(finetune_args(out, images, model_flags("timm", models), "--loss", "ce", "--max-steps", "1"))
+    loss_file = last_checkpoint(out) / "loss_rank0.safetensors"
+    state = load_tensors(loss_file)
+    assert {"watch.stats.S", "watch.stats.seen"} <= set(state)  # CE keeps the watched statistics
+    save_tensors(loss_file, {k: v for k, v in state.items() if not k.startswith("watch.")})  # as older versions
+    line = error_line(invoke(["finetune", "--resume", str(out), "--num-workers", "0"]))
+    assert "loss state" in line and "watch.stats" in line and "--out" in line
+    assert loss_file.is_file() and (out / "report.json").is_file()  # the refused run is left as it was
 
 
 def test_resuming_an_older_checkpoint_forgets_the_later_ones(images: Path, models: Path, tmp_path: Path) -> None:
