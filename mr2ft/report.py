@@ -233,6 +233,8 @@ def build_report(run: dict, baseline: dict | None = None) -> dict:
             "name": Path(run["path"]).name,
             "dataset": info.get("dataset"),
             "backbone": info.get("backbone"),
+            "loss": info.get("loss"),
+            "margins_applied": info.get("margins_applied"),
         },
         "num_classes": k,
         "num_images": summary["num_images"],
@@ -323,6 +325,13 @@ def md_escape(text: object) -> str:
     return text.replace("<", "\\<").replace(">", "\\>")
 
 
+def _margins_note(report: dict) -> str:
+    """Said wherever gamma appears when the run's loss did not use it (CE and the other baselines)."""
+    if report.get("run", {}).get("margins_applied") is False:
+        return " This run's loss did not apply these margins: gamma is what MR2 would set from its class statistics."
+    return ""
+
+
 def render_csv(report: dict) -> str:
     """``per_class.csv``: one row per class; baseline columns only when the report has a baseline."""
     columns = list(CSV_COLUMNS) + (["baseline_accuracy", "delta"] if report["baseline"] else [])
@@ -364,7 +373,8 @@ def render_markdown(report: dict) -> str:
     if corr["spread_vs_accuracy"] is not None or corr["gamma_vs_accuracy"] is not None:
         lines += [
             "Spearman rank correlation with per-class accuracy: feature spread S "
-            f"{_fmt(corr['spread_vs_accuracy'], 2)}, margin gamma {_fmt(corr['gamma_vs_accuracy'], 2)}.",
+            f"{_fmt(corr['spread_vs_accuracy'], 2)}, margin gamma {_fmt(corr['gamma_vs_accuracy'], 2)}."
+            f"{_margins_note(report)}",
             "",
         ]
     rows = report["per_class"]
@@ -531,7 +541,7 @@ def _plots(report: dict) -> list[tuple[str, str, str]]:
             "logit margin gamma",
             "Accuracy against margin",
             corr["gamma_vs_accuracy"],
-            "MR2 gives spread-out classes larger margins.",
+            "MR2 gives spread-out classes larger margins." + _margins_note(report),
         ),
     ):
         values = np.array([_nan(row[key]) for row in rows])

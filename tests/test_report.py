@@ -161,6 +161,21 @@ def test_confused_pairs_and_correlations_against_loops(pair7):
     assert rep["per_class"][0]["gamma"] == pytest.approx(spread[0] ** (1 / 3), rel=1e-5)
 
 
+@pytest.mark.parametrize("applied", [True, False, None])
+def test_margins_not_applied_by_the_runs_loss_are_said_to_be_so(pair7, applied):
+    run = load_run(pair7["run"])
+    if applied is not None:
+        run["info"] = {**run["info"], "margins_applied": applied}
+    else:
+        run["info"] = {k: v for k, v in run["info"].items() if k != "margins_applied"}  # older classes.json
+    rep = report.build_report(run)
+    md = report.render_markdown(rep)
+    titles = {title: caption for title, caption, _ in report._plots(rep)}
+    note = "did not apply these margins"
+    assert (note in md) == (applied is False)
+    assert (note in titles["Accuracy against margin"]) == (applied is False)
+
+
 def test_report_without_baseline_groups_by_own_accuracy_and_without_stats(pair7):
     rep = report.build_report(load_run(pair7["base"]))
     assert rep["baseline"] is None and rep["deltas"] is None
