@@ -12,6 +12,10 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +34,8 @@ from _models import (
 )
 from PIL import Image
 
+from mr2ft import hub
 from mr2ft.backbones import Backbone, Preprocess, list_backbones, load_backbone
-from mr2ft.backbones import base as bb_base
 from mr2ft.errors import UserError
 
 
@@ -392,7 +396,7 @@ def test_offline_moco_default_fails_at_once(hf_offline, tmp_path):
 def test_unreachable_hub_fails_fast_without_the_offline_variable(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
-    if bb_base.url_reachable(huggingface_hub.constants.ENDPOINT):
+    if hub.reachable(hub.endpoint()):
         pytest.skip("the Hugging Face hub is reachable here; this test covers machines without a network")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -503,9 +507,55 @@ def test_fingerprint_is_stable_and_tracks_weights_pool_and_normalize(tmp_path):
     assert load(image_size=48).fingerprint != base
     st = os.stat(spec["weights"])
     os.utime(spec["weights"], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    assert load().fingerprint != base
+    assert load().fingerprint == base  # touched, same content: the cached features stay valid
     write_tiny_checkpoint("mae", tmp_path, seed=1)
     assert load().fingerprint != base
+
+
+def test_weights_replaced_with_same_size_and_mtime_get_a_new_fingerprint_and_cache_key(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from mr2ft.features import cache_key
+
+    monkeypatch.setenv("MR2FT_DIGEST_INDEX", str(tmp_path / "digests.json"))
+    path = tmp_path / "w.safetensors"
+    save_file(tiny_resnet(seed=0).state_dict(), path)
+    first = load_backbone("timm", "test_resnet", str(path)).fingerprint
+    assert json.loads((tmp_path / "digests.json").read_text())  # hashed once, remembered
+    assert load_backbone("timm", "test_resnet", str(path)).fingerprint == first
+    st = path.stat()
+    replacement = tmp_path / "other.safetensors"
+    save_file(tiny_resnet(seed=1).state_dict(), replacement)
+    assert replacement.stat().st_size == st.st_size
+    os.replace(replacement, path)  # what cp -p / rsync -a / tar -x do: new bytes, the old mtime
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = load_backbone("timm", "test_resnet", str(path)).fingerprint
+    assert second != first
+    assert cache_key(second, "split", "cpu") != cache_key(first, "split", "cpu")
+
+
+def test_feature_cache_key_holds_device_type_and_precision():
+    from mr2ft.features import cache_key, precision
+
+    assert precision(torch.device("cuda")) != precision(torch.device("cpu"))
+    assert cache_key("bb", "split", "cpu") != cache_key("bb", "split", "cuda")
+    assert cache_key("bb", "split", "cpu") == cache_key("bb", "split", torch.device("cpu"))
+
+
+def test_checkpoint_without_batchnorm_step_counters_loads_and_missing_weights_are_refused(tmp_path):
+    src = tiny_resnet(seed=3)
+    sd = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(sd) < len(src.state_dict())  # the tiny resnet has BatchNorm counters to leave out
+    torch.save(sd, tmp_path / "tf_port.pth")
+    bb = load_backbone("timm", "test_resnet", str(tmp_path / "tf_port.pth"))
+    loaded = bb.model.trunk.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+    counters = [v for k, v in loaded.items() if k.endswith("num_batches_tracked")]
+    assert counters and all(int(v) == 0 for v in counters)  # at their defaults
+    del sd[next(k for k in sd if k.endswith("bn1.weight"))]  # a real weight missing: still refused
+    torch.save(sd, tmp_path / "short.pth")
+    with pytest.raises(UserError, match="1 model keys are missing"):
+        load_backbone("timm", "test_resnet", str(tmp_path / "short.pth"))
 
 
 # ---- preprocessing ---------------------------------------------------------------------------------------------------
@@ -577,3 +627,40 @@ def test_efficientnet_lite0_real_weights_load_by_position_with_their_preprocessi
     probs = logits.softmax(dim=-1)
     assert probs.max() > 10 / 1000  # a real classifier commits, unlike random weights (~1/1000 each)
     assert int(logits.argmax()) == int((f2 @ ckpt["_fc.weight"].T + ckpt["_fc.bias"]).argmax())
+
+
+def _read_as_another_user(path: Path, code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` (with ``path`` bound) in a Python that may not read ``path`` (mode 000; as nobody under root)."""
+    path.chmod(0)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot take the read permission away")
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    script = f"import sys; from pathlib import Path; path = Path({str(path)!r})\n{code}"
+    return subprocess.run([*prefix, sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def test_unreadable_weights_say_permission_denied_not_missing():
+    from safetensors.torch import save_file
+
+    folder = Path(tempfile.mkdtemp(prefix="mr2ft-perm-"))  # reachable by the other user, unlike tmp_path
+    try:
+        folder.chmod(0o755)
+        save_file({"a": torch.zeros(2)}, folder / "w.safetensors")
+        code = (
+            "from mr2ft.errors import UserError\n"
+            "from mr2ft.io import load_tensors\n"
+            "from mr2ft.backbones.checkpoint import read_checkpoint\n"
+            "for fn in (load_tensors, read_checkpoint):\n"
+            "    try:\n"
+            "        fn(path)\n"
+            "    except UserError as e:\n"
+            "        print(e)\n"
+        )
+        result = _read_as_another_user(folder / "w.safetensors", code)
+        lines = result.stdout.strip().splitlines()
+        assert result.returncode == 0 and len(lines) == 2, result.stderr[-2000:]
+        assert all("permission denied" in line and "No such file" not in line for line in lines)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from _images import (
 from PIL import Image
 from typer.testing import CliRunner
 
-from mr2ft import data as data_mod
+from mr2ft import hub
 from mr2ft.cli import user_errors
 from mr2ft.data import (
     FASHION_MNIST_CLASSES,
@@ -58,7 +60,7 @@ def test_train_test_folder_loads_with_sorted_class_names_without_decoding(tmp_pa
     def no_decoding(*args, **kwargs):
         raise AssertionError("load_dataset decoded an image")
 
-    monkeypatch.setattr(data_mod.Image, "open", no_decoding)
+    monkeypatch.setattr(Image, "open", no_decoding)
     splits = load_dataset(str(root))
     monkeypatch.undo()
 
@@ -99,7 +101,8 @@ def test_single_folder_needs_val_fraction_and_splits_stratified(tmp_path):
     assert np.bincount(a.train.targets).tolist() == [7, 7, 7, 7]
     assert not file_set(a.train) & file_set(a.test)
     assert len(file_set(a.train) | file_set(a.test)) == 40
-    assert file_set(a.test) == file_set(b.test) and file_set(a.test) != file_set(c.test)
+    # The test images never depend on the training seed (runs with different seeds must share one test set).
+    assert file_set(a.test) == file_set(b.test) == file_set(c.test)
 
 
 def test_val_fraction_carves_val_from_train_and_leaves_test(tmp_path):
@@ -143,7 +146,7 @@ def test_folder_without_class_folders_and_unknown_name(tmp_path):
 
 def test_greyscale_palette_alpha_and_16bit_become_rgb(tmp_path):
     root = tmp_path / "modes"
-    make_image_folder(root, num_classes=1, per_class=1, class_names=["a"])
+    make_image_folder(root, num_classes=2, per_class=1, class_names=["a", "b"])
     folder = root / "train" / "a"
     Image.new("L", (4, 4), 77).save(folder / "grey.png")
     palette = Image.new("P", (4, 4), 1)
@@ -389,7 +392,7 @@ def test_hf_corrupt_image_is_named(tmp_path):
 
 
 def test_hub_offline_fails_fast_with_a_way_out(monkeypatch):
-    monkeypatch.setattr(data_mod, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda url, timeout=hub.TIMEOUT_S: False)
     start = time.monotonic()
     with pytest.raises(UserError, match="uoft-cs/cifar100") as info:
         load_dataset("cifar100")
@@ -398,7 +401,7 @@ def test_hub_offline_fails_fast_with_a_way_out(monkeypatch):
 
     import datasets.config
 
-    monkeypatch.setattr(data_mod, "_hub_reachable", lambda timeout=3.0: pytest.fail("probed a switched-off hub"))
+    monkeypatch.setattr(hub, "reachable", lambda url, timeout=hub.TIMEOUT_S: pytest.fail("probed a switched-off hub"))
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match=r"mr2ft-no-such/dataset.*HF_HUB_OFFLINE"):
         load_dataset("hf:mr2ft-no-such/dataset:cfg")
@@ -496,7 +499,328 @@ def test_hub_dataset_in_the_local_cache_loads_without_network(tmp_path, monkeypa
     datasets.load_dataset(str(tmp_path / "tiny"), cache_dir=str(cache))
     (cache / "tiny").rename(cache / "someone___tiny")
 
-    monkeypatch.setattr(data_mod, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda url, timeout=hub.TIMEOUT_S: False)
     splits = load_dataset("hf:someone/tiny")
     assert splits.class_names == ["cat", "dog"] and splits.name == "tiny"
     assert len(splits.train) == len(splits.test) == 4 and splits.train[1][1] == 1
+
+
+# ---- symbolic links, odd names and odd files (issue 19) -------------------------------------------------------
+
+
+def labelled_files(ds: ImageDataset) -> set[tuple[str, str]]:
+    """(file's real path, class name) of every item, so a file counted under another class shows."""
+    return {(os.path.realpath(ds.where(i)), ds.class_names[int(ds.targets[i])]) for i in range(len(ds))}
+
+
+def test_directory_links_that_loop_or_lead_into_a_class_are_not_followed(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "links", num_classes=2, per_class=3, class_names=["a", "b"])
+    plain = load_dataset(str(root))
+    train = root / "train"
+    (train / "a" / "self").symlink_to(".", target_is_directory=True)  # loops onto its own folder
+    (train / "a" / "up").symlink_to("..", target_is_directory=True)  # the split folder: every class again
+    (train / "a" / "other").symlink_to("../b", target_is_directory=True)  # b's images under label a
+    (train / "b_again").symlink_to("b", target_is_directory=True)  # a self-link must not duplicate class b
+    with caplog.at_level("WARNING"):
+        linked = load_dataset(str(root))
+    assert linked.class_names == ["a", "b"]
+    assert labelled_files(linked.train) == labelled_files(plain.train) and len(linked.train) == 6
+    warnings = [r.getMessage() for r in caplog.records if "directory link" in r.getMessage()]
+    assert len(warnings) == 1 and "4 directory link(s)" in warnings[0] and "\n" not in warnings[0]
+    assert "loop or repeat" in warnings[0] and "into a class folder" in warnings[0]
+
+
+def test_links_leaving_the_dataset_root_need_follow_links_and_never_loop(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "root", num_classes=2, per_class=2, class_names=["a", "b"])
+    outside = make_image_folder(tmp_path / "outside", num_classes=1, per_class=3, splits=None, class_names=["x"])
+    (outside / "x" / "again").symlink_to(outside / "x", target_is_directory=True)  # a loop out there
+    (root / "train" / "a" / "extra").symlink_to(outside / "x", target_is_directory=True)
+    with caplog.at_level("WARNING"):
+        default = load_dataset(str(root))
+    assert len(default.train) == 4
+    assert any(
+        "outside the dataset root" in r.getMessage() and "--follow-links" in r.getMessage() for r in caplog.records
+    )
+    followed = load_dataset(str(root), follow_links=True)
+    extra = {f for f, label in labelled_files(followed.train) if label == "a"} - {
+        f for f, _ in labelled_files(default.train)
+    }
+    assert len(followed.train) == 7 and len(extra) == 3  # the outside images once each, despite the loop
+    assert followed.fingerprint != default.fingerprint
+
+
+def test_class_folders_may_be_links_to_anywhere(tmp_path):
+    store = make_image_folder(tmp_path / "store", num_classes=2, per_class=2, splits=None, class_names=["a", "b"])
+    root = tmp_path / "assembled"
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (root / split).mkdir(parents=True, exist_ok=True)
+            (root / split / name).symlink_to(store / name, target_is_directory=True)
+    splits = load_dataset(str(root))
+    assert splits.class_names == ["a", "b"] and len(splits.train) == len(splits.test) == 4
+
+
+def test_broken_image_link_is_one_line_or_skipped_and_counted(tmp_path):
+    root = make_image_folder(tmp_path / "broken", num_classes=2, per_class=2, class_names=["a", "b"])
+    (root / "train" / "a" / "gone.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(UserError, match="gone.png is a broken symbolic link") as err:
+        load_dataset(str(root))
+    assert "--skip-bad-images" in str(err.value) and "\n" not in str(err.value)
+    splits = load_dataset(str(root), skip_bad_images=True)
+    assert len(splits.train) == 4 and len(splits.skipped) == 1 and "gone.png" in splits.skipped[0]
+
+
+def test_class_folder_name_that_is_not_utf8_is_one_printable_line(tmp_path):
+    root = make_image_folder(tmp_path / "names", num_classes=2, per_class=1, class_names=["a", "b"])
+    bad = os.path.join(os.fsencode(root / "train"), b"caf\xe9")
+    try:
+        os.mkdir(bad)
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    with open(os.path.join(bad, b"0.png"), "wb") as fh:
+        Image.new("RGB", (4, 4)).save(fh, format="PNG")
+    with pytest.raises(UserError, match="not valid UTF-8; rename it") as err:
+        load_dataset(str(root))
+    str(err.value).encode("utf-8")  # printable: no lone surrogates
+    assert "\n" not in str(err.value)
+    # An image file name that is not UTF-8 is read like any other, and named printably when it is bad.
+    os.rename(bad, os.path.join(os.fsencode(root), b"kept"))
+    with open(os.path.join(os.fsencode(root / "train" / "a"), b"j\xfcnk.png"), "wb") as fh:
+        fh.write(b"not an image")
+    with pytest.raises(BadImageError) as err:
+        splits = load_dataset(str(root))
+        [splits.train[i] for i in range(len(splits.train))]
+    assert "nk.png" in str(err.value) and str(err.value).encode("utf-8")
+    splits = load_dataset(str(root), skip_bad_images=True)
+    assert len(splits.train) == 2 and splits.skipped[0].encode("utf-8") and splits.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (bytes(range(256)) * 8, "is not UTF-8 text"),
+        (b"img/a.png,cat\n\x00\x00\x00,dog\n", "cannot be parsed"),
+        (b"path,label\nimg/a.png,cat\nimg/b.png,\n", "line 3 has an empty label"),
+        (b"path,label\nimg/a.png,0\nimg/b.png,200000\n", r"must be 0\.\.K-1 with every value used"),
+        (b"path,label\nimg/a.png,cat\nimg/b.png,cat\n", "at least 2 classes"),
+    ],
+)
+def test_csv_that_is_binary_or_has_bad_labels_is_one_line(tmp_path, content, match):
+    (tmp_path / "img").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (4, 4)).save(tmp_path / "img" / f"{name}.png")
+    (tmp_path / "data.csv").write_bytes(content)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=match) as err:
+        load_dataset(str(tmp_path / "data.csv"), val_fraction=0.5)
+    assert "\n" not in str(err.value) and time.monotonic() - start < 10  # no 200,001-class allocation
+
+
+def test_one_class_folder_is_refused_and_a_class_without_test_images_loads(tmp_path, caplog):
+    one = make_image_folder(tmp_path / "one", num_classes=1, per_class=2, class_names=["only"])
+    with pytest.raises(UserError, match="only the class 'only'.*at least 2 classes"):
+        load_dataset(str(one))
+    root = make_image_folder(tmp_path / "gap", num_classes=3, per_class=2, class_names=["a", "b", "c"])
+    for f in (root / "test" / "c").iterdir():
+        f.unlink()
+    (root / "test" / "c").rmdir()
+    with caplog.at_level("WARNING"):
+        splits = load_dataset(str(root))
+    assert splits.num_classes == 3 and set(splits.test.targets.tolist()) == {0, 1}
+    assert any("no images of 1 class(es): 'c'" in r.getMessage() for r in caplog.records)
+
+
+def test_sparse_integer_labels_are_refused_in_idx_and_hf_sources_too(tmp_path):
+    folder, _ = make_idx_folder(tmp_path / "idx", n_train=6, n_test=3, num_classes=3)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.array([0, 0, 2, 2, 0, 2], dtype=np.uint8))
+    with pytest.raises(UserError, match="0..K-1"):
+        load_dataset(str(folder))
+
+
+def test_image_rewritten_with_its_mtime_restored_changes_the_fingerprint(tmp_path):
+    root = make_image_folder(tmp_path / "fp", num_classes=2, per_class=2, class_names=["a", "b"])
+    target = root / "train" / "a" / "0000.png"
+    before = load_dataset(str(root)).split_fingerprint("train")
+    st = target.stat()
+    replacement = tmp_path / "other.png"
+    Image.open(root / "train" / "b" / "0000.png").save(replacement)
+    data = replacement.read_bytes()
+    data = data if len(data) == st.st_size else target.read_bytes()[::-1]  # same size either way
+    target.write_bytes(data[: st.st_size].ljust(st.st_size, b"\0"))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # what cp -p / rsync -a / tar -x do
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    assert load_dataset(str(root)).split_fingerprint("train") != before
+
+
+# ---- class-balanced sampler: no repeats within a group, small classes spread (issue 14) -------------------------
+
+
+def class_groups(batch: list[int], targets: np.ndarray) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i in batch:
+        groups.setdefault(int(targets[i]), []).append(i)
+    return groups
+
+
+def test_sampler_pads_a_group_only_with_images_not_already_in_it():
+    targets = np.repeat(np.arange(4), [5, 7, 9, 3])  # 4 per group: every class has a partial last group
+    for seed in range(20):
+        sampler = ClassBalancedBatchSampler(targets, samples_per_class=4, batch_size=8, seed=seed, drop_last=False)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        for batch in batches:
+            for cls, group in class_groups(batch, targets).items():
+                assert len(group) == 4
+                if cls != 3:  # class 3 has 3 images: one repeat is unavoidable, and only one
+                    assert len(set(group)) == 4, (seed, cls, group)
+                else:
+                    assert set(group) == set(np.flatnonzero(targets == 3).tolist())
+
+
+def test_sampler_spreads_small_classes_through_the_epoch():
+    targets = np.repeat(np.arange(3), [200, 200, 20])  # class 2: 10 groups of 2 among 105 batches of 2 classes
+    for seed in range(5):
+        batches = list(ClassBalancedBatchSampler(targets, samples_per_class=2, batch_size=4, seed=seed))
+        assert len(batches) == 105
+        where = [b for b, batch in enumerate(batches) if 2 in class_groups(batch, targets)]
+        assert len(where) == 10
+        # Evenly spread: one group in each tenth of the epoch (the old sampler put all ten in the last 15 batches).
+        assert [w * 10 // len(batches) for w in where] == list(range(10)), where
+
+
+def test_sampler_length_and_batches_hold_for_random_imbalance():
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        sizes = rng.integers(1, 40, size=rng.integers(2, 9))
+        targets = np.repeat(np.arange(len(sizes)), sizes)
+        m = int(rng.integers(1, 4))
+        c = int(rng.integers(1, len(sizes) + 1))
+        for drop_last in (True, False):
+            sampler = ClassBalancedBatchSampler(targets, m, m * c, seed=int(rng.integers(100)), drop_last=drop_last)
+            batches = list(sampler)
+            assert len(batches) == len(sampler)
+            full = [b for b in batches if len(b) == m * c]
+            for batch in full:
+                groups = class_groups(batch, targets)
+                assert len(groups) == c and all(len(g) == m for g in groups.values())
+            # As many full batches as the group counts allow: taking from the largest classes first is optimal.
+            groups_left = -(-sizes // m)
+            best = 0
+            while np.count_nonzero(groups_left) >= c:
+                groups_left[np.argsort(-groups_left, kind="stable")[:c]] -= 1
+                best += 1
+            assert len(full) == best
+            if not drop_last:
+                assert {i for b in batches for i in b} == set(range(len(targets)))
+
+
+# ---- feature cache: temporary files of killed writes, unusable folders (issue 19) ------------------------------
+
+
+def test_feature_cache_removes_temp_files_of_killed_writers_on_open(tmp_path):
+    from mr2ft.features import FeatureCache
+    from mr2ft.io import atomic_path
+
+    cache = FeatureCache(tmp_path / "cache")
+    cache.save("ab" + "0" * 30, torch.zeros(3, 2), torch.zeros(3))
+    folder = cache.path("ab" + "0" * 30).parent
+    with pytest.raises(RuntimeError):  # a failed write cleans up after itself
+        with atomic_path(folder / "x.safetensors"):
+            raise RuntimeError
+    ours = next(iter(folder.glob("*.safetensors"))).name
+    # What a kill -9 leaves: a temp file named after its writer's host and pid.
+    probe = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(probe.stdout)
+    with atomic_path(folder / "y.safetensors") as tmp:
+        name = tmp.name
+    dead = folder / name.replace("y.safetensors", "z.safetensors").replace(f"-{os.getpid()}-", f"-{dead_pid}-")
+    dead.write_bytes(b"partial")
+    alive = folder / name.replace("y.safetensors", "w.safetensors")  # this process: a write in progress
+    alive.write_bytes(b"partial")
+    old = folder / name.replace("y.safetensors", "v.safetensors")
+    old.write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    unrelated = folder / ".notes.tmp"
+    unrelated.write_text("not ours")
+    FeatureCache(tmp_path / "cache")
+    left = {p.name for p in folder.iterdir()}
+    assert dead.name not in left and old.name not in left
+    assert {alive.name, unrelated.name, ours, "y.safetensors"} <= left
+
+
+@pytest.mark.parametrize("kind", ["file", "too_long"])
+def test_feature_cache_folder_that_cannot_be_used_is_one_line(tmp_path, kind):
+    from mr2ft.features import FeatureCache
+
+    if kind == "file":
+        root = tmp_path / "a_file"
+        root.write_text("x")
+    else:
+        root = tmp_path / ("n" * 300)
+    with pytest.raises(UserError, match="cannot be used.*--cache-dir") as err:
+        FeatureCache(root)
+    assert "\n" not in str(err.value)
+
+
+def test_feature_cache_write_failure_keeps_the_features(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from mr2ft import features
+
+    cache = features.FeatureCache(tmp_path / "cache")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(features, "save_tensors", disk_full)
+    with caplog.at_level("WARNING"):
+        cache.save("cd" + "0" * 30, torch.zeros(2, 2), torch.zeros(2))
+    assert any("No space left on device" in r.getMessage() for r in caplog.records)
+
+
+# ---- one hub policy for data and weights (issue 18) ------------------------------------------------------------
+
+
+def test_hub_policy_reads_every_offline_variable_and_the_proxy_requests_would_use(monkeypatch):
+    import socket
+
+    for name in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.setenv("no_proxy", "")
+    for name in hub.OFFLINE_VARIABLES:
+        with monkeypatch.context() as m:
+            m.setenv(name, "1")
+            assert hub.offline_reason("https://hub.invalid") == f"{name} is set"
+    with socket.socket() as server:  # a "proxy" that accepts connections
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        proxy = f"http://127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+        monkeypatch.setenv("https_proxy", proxy)
+        assert hub.reachable("https://hub.invalid", timeout=2)  # through the proxy, as requests would go
+        monkeypatch.setenv("NO_PROXY", "hub.invalid")
+        monkeypatch.setenv("no_proxy", "hub.invalid")
+        assert not hub.reachable("https://hub.invalid", timeout=2)  # bypassed: straight to a name that does not resolve
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.setenv("no_proxy", "")
+    closed = "http://127.0.0.1:9"
+    monkeypatch.setenv("HTTPS_PROXY", closed)
+    monkeypatch.setenv("https_proxy", closed)
+    assert (
+        hub.offline_reason("https://hub.invalid") == "hub.invalid cannot be reached (through the proxy " + closed + ")"
+    )
+
+
+def test_datasets_and_weights_follow_the_same_hub_policy(monkeypatch, tmp_path):
+    from mr2ft.backbones import load_backbone
+
+    for name in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hub, "reachable", lambda url, timeout=hub.TIMEOUT_S: False)
+    with pytest.raises(UserError, match="cannot be reached.*save_to_disk"):
+        load_dataset("cifar100")
+    with pytest.raises(UserError, match="cannot be reached.*--weights"):
+        load_backbone("timm", "test_vit", cache_dir=str(tmp_path))

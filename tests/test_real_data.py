@@ -26,8 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mr2ft import data as data_mod
-from mr2ft.data import FASHION_MNIST_DIR, ImageDataset, TransformedDataset, load_dataset
+from mr2ft.data import FASHION_MNIST_DIR, ImageDataset, TransformedDataset, idx_files, load_dataset
 from mr2ft.errors import UserError
 
 pytestmark = pytest.mark.real
@@ -36,7 +35,7 @@ NUM_CLASSES = 10
 
 
 def fashion_mnist_or_skip() -> None:
-    if data_mod._idx_files(FASHION_MNIST_DIR) is None:
+    if idx_files(FASHION_MNIST_DIR) is None:
         pytest.skip(
             f"Fashion-MNIST IDX files not in {FASHION_MNIST_DIR}: install the Debian package dataset-fashion-mnist"
         )

@@ -1,29 +1,24 @@
-"""What every backbone family returns, and the checks every family's loader shares.
+"""What every backbone family returns, and what every family's loader shares.
 
 A family module (``timm.py``, ``clip.py``, ``mae.py``, ``moco.py``) turns ``(model, weights, options)`` into a
 :class:`Backbone`. This module holds what they have in common: the resolved :class:`Preprocess`, option parsing,
-reading checkpoint files safely, loading a state dict with the MAE/MoCo habit of refusing any load whose missing or
-unexpected keys are not exactly the expected ones, the Hugging Face hub access that fails fast offline, parameter
-groups for layer-wise lr decay, and the fingerprint used as the feature-cache key.
+parameter groups for layer-wise lr decay, and the fingerprint used as the feature-cache key. Reading and strictly
+loading checkpoint files is :mod:`mr2ft.backbones.checkpoint`; downloads go through :mod:`mr2ft.hub`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import pickle
 import re
-import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +28,6 @@ from torch import nn
 from mr2ft.errors import UserError
 
 logger = logging.getLogger("mr2ft")
-
-#: Seconds a connection probe or an HTTP request to a weights hub may take before we call the hub unreachable.
-HUB_TIMEOUT_S = 5.0
 
 #: A short list of OpenAI's ImageNet prompt templates (the "a photo of a {}." prompt plus the seven-template
 #: ensemble from the CLIP repository's prompt-engineering notebook).
@@ -422,318 +414,13 @@ def finish(bb: Backbone, weights: str, **details: Any) -> Backbone:
 # ---- fingerprints ----------------------------------------------------------------------------------------------
 
 
-def file_identity(path: str | os.PathLike) -> str:
-    """``resolved-path:size:mtime_ns`` of a file, or of every file under a folder (sorted)."""
-    p = Path(path).resolve()
-    if p.is_dir():
-        parts = []
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
-            st = f.stat()
-            parts.append(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}")
-        return f"{p}/[{';'.join(parts)}]"
-    st = p.stat()
-    return f"{p}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def make_fingerprint(**parts: Any) -> str:
     """A stable 16-hex-digit hash of JSON-serialisable parts (order of keyword arguments does not matter)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-# ---- checkpoints -----------------------------------------------------------------------------------------------
-
-
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """Read a checkpoint file safely: ``.safetensors`` or ``torch.load(weights_only=True)`` on the CPU.
-
-    Raises:
-        UserError: the file is missing, truncated, not a checkpoint, or holds pickled Python objects.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"weights file {p} does not exist; pass an existing file with --weights")
-    if p.is_dir():
-        raise UserError(f"{p} is a folder, not a weights file; pass the checkpoint file inside it")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(p), device="cpu")
-        except Exception as e:  # safetensors raises its own SafetensorError on truncated or foreign files
-            raise UserError(f"weights file {p} is not a readable safetensors file ({e}); is it complete?") from None
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(
-            f"weights file {p} holds Python objects that a safe load (weights_only=True) refuses ({first[:200]}); "
-            "save just the state dict (torch.save(model.state_dict(), path)) or use safetensors"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        # torch's reasons run to several sentences and lines; the error must stay one line
-        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
-        raise UserError(
-            f"weights file {p} cannot be read as a PyTorch checkpoint ({e.__class__.__name__}: {reason}); "
-            "is it complete and a .pth/.pt/.bin/.safetensors file?"
-        ) from None
-
-
-def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def extract_state_dict(obj: Any, path: str | os.PathLike, keys: Sequence[str] = ("state_dict", "model")) -> dict:
-    """The tensor dict inside a checkpoint: the object itself, or the first of ``keys`` that holds one.
-
-    Raises:
-        UserError: no state dict of tensors is found.
-    """
-    if _is_tensor_dict(obj):
-        return dict(obj)
-    if isinstance(obj, Mapping):
-        for key in keys:
-            if key in obj and _is_tensor_dict(obj[key]):
-                return dict(obj[key])
-        top = ", ".join(str(k) for k in list(obj)[:8]) or "nothing"
-        raise UserError(
-            f"checkpoint {path} holds no state dict of tensors (top-level keys: {top}; looked in: "
-            f"{', '.join(keys)}); pass a checkpoint of this backbone family"
-        )
-    raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict; pass a weights file")
-
-
-def _sample(keys: Iterable[str], n: int = 5) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:n])
-    return shown + (", ..." if len(keys) > n else "")
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(re.match(p, name) for p in patterns)
-
-
-def map_by_position(state_dict: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], path: Any) -> dict:
-    """Rename a checkpoint's tensors onto ``target``'s names by position, checking count and every shape.
-
-    Raises:
-        UserError: the counts differ or any shape differs.
-    """
-    src = list(state_dict.items())
-    dst = list(target.items())
-    if len(src) != len(dst):
-        raise UserError(
-            f"checkpoint {path}: no key matches the model and its {len(src)} tensors cannot map one-to-one by "
-            f"position onto the model's {len(dst)} (checkpoint keys look like {_sample(k for k, _ in src)}; model "
-            f"keys like {_sample(k for k, _ in dst)}); pass weights for this architecture"
-        )
-    for i, ((sk, sv), (dk, dv)) in enumerate(zip(src, dst, strict=True)):
-        if tuple(sv.shape) != tuple(dv.shape):
-            raise UserError(
-                f"checkpoint {path}: no key matches the model and mapping by position fails at tensor {i} "
-                f"({sk} {tuple(sv.shape)} vs {dk} {tuple(dv.shape)}); pass weights for this architecture"
-            )
-    return {dk: sv for (_, sv), (dk, _) in zip(src, dst, strict=True)}
-
-
-def load_checked(
-    module: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    *,
-    path: Any,
-    what: str,
-    allowed_missing: Sequence[str] = (),
-    allowed_unexpected: Sequence[str] = (),
-) -> dict[str, list[str]]:
-    """Load ``state_dict`` into ``module`` only if it fits exactly.
-
-    Every model key must be in the checkpoint (except those matching ``allowed_missing``, regexes), every
-    checkpoint key must be in the model (except ``allowed_unexpected``), and every shape must agree. Otherwise a
-    :class:`UserError` names up to five offending keys and the total count, so a mis-load never goes silent.
-
-    Returns:
-        ``{"missing": [...], "unexpected": [...]}``: the allowed keys that were missing or ignored.
-    """
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    bad_missing = [k for k in missing if not _matches(k, allowed_missing)]
-    bad_unexpected = [k for k in unexpected if not _matches(k, allowed_unexpected)]
-    mismatched = [
-        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    if len(bad_missing) == len(own):
-        raise UserError(
-            f"checkpoint {path} does not hold a {what}: none of the model's {len(own)} keys is in it (checkpoint "
-            f"keys look like {_sample(state_dict)}; model keys like {_sample(own)}); pass a checkpoint of this "
-            "family and architecture"
-        )
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} tensors have the wrong shape ({_sample(mismatched)})")
-    if bad_missing:
-        problems.append(f"{len(bad_missing)} model keys are missing ({_sample(bad_missing)})")
-    if bad_unexpected:
-        problems.append(f"{len(bad_unexpected)} checkpoint keys are unexpected ({_sample(bad_unexpected)})")
-    if problems:
-        raise UserError(
-            f"checkpoint {path} does not fit {what}: {'; '.join(problems)}; pass a checkpoint of this family and "
-            "architecture (check --model)"
-        )
-    module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
-    if missing or unexpected:
-        logger.info(
-            "loaded %s from %s; left missing as expected: %s; ignored as expected: %d keys (%s)",
-            what,
-            path,
-            _sample(missing) or "none",
-            len(unexpected),
-            _sample(unexpected) or "none",
-        )
-    return {"missing": missing, "unexpected": unexpected}
-
-
 # ---- hubs ------------------------------------------------------------------------------------------------------
-
-
-def hf_cache_dir(cache_dir: str | None = None) -> str:
-    """The Hugging Face hub cache folder a download would use."""
-    if cache_dir:
-        return str(cache_dir)
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
-def hub_offline_reason() -> str | None:
-    """Why the hub must not be contacted (``HF_HUB_OFFLINE`` set, or no connection), or None when it may be."""
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    if constants.HF_HUB_OFFLINE or env.strip().lower() in ("1", "on", "yes", "true"):
-        return "HF_HUB_OFFLINE is set"
-    endpoint = constants.ENDPOINT
-    if not url_reachable(endpoint):
-        return f"{endpoint} cannot be reached"
-    return None
-
-
-def url_reachable(url: str, timeout: float = HUB_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to ``url``'s host (or to the HTTPS proxy in the environment) opens in time.
-
-    Hub clients retry a dead network for many seconds; this probe lets a load fail at once instead.
-    """
-    parsed = urlparse(url)
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
-    if parsed.scheme == "http":
-        proxy = os.environ.get("HTTP_PROXY") or os.environ.get("http_proxy") or proxy
-    if proxy:
-        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-    host = parsed.hostname
-    if not host:
-        return False
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def hub_download(
-    repo_id: str,
-    filenames: Sequence[str],
-    *,
-    cache_dir: str | None = None,
-    what: str,
-    required: bool = True,
-) -> Path | None:
-    """Fetch the first of ``filenames`` that ``repo_id`` (``org/name[@revision]``) has, from the cache or the hub.
-
-    Offline (``HF_HUB_OFFLINE=1``) or without a connection, only the local cache is used, and a file that is not
-    cached fails at once with where we looked and how to pass a local file.
-
-    Raises:
-        UserError: none of the files can be had (only when ``required``; otherwise None is returned).
-    """
-    from huggingface_hub import errors, hf_hub_download
-
-    repo, _, revision = repo_id.partition("@")
-    offline = hub_offline_reason()
-    problems: list[str] = []
-    for filename in filenames:
-        try:
-            path = hf_hub_download(
-                repo,
-                filename,
-                revision=revision or None,
-                cache_dir=cache_dir,
-                local_files_only=offline is not None,
-                etag_timeout=HUB_TIMEOUT_S,
-            )
-            return Path(path)
-        except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
-            raise UserError(
-                f"the Hugging Face repository {repo} for {what} cannot be accessed ({e.__class__.__name__}); "
-                "check the name (and `hf auth login` for gated repos), or pass a local file with --weights"
-            ) from None
-        except errors.RevisionNotFoundError:
-            raise UserError(f"revision {revision!r} of {repo} does not exist; check the name after '@'") from None
-        except (errors.EntryNotFoundError, errors.HfHubHTTPError, OSError, ValueError) as e:
-            problems.append(f"{filename}: {e.__class__.__name__}")
-    if not required:
-        return None
-    cache = hf_cache_dir(cache_dir)
-    if offline is not None:
-        raise UserError(
-            f"found no copy of {what} ({repo}: {', '.join(filenames)}) in the Hugging Face cache {cache}, and "
-            f"{offline}; download it where the hub is reachable, or pass a local file with --weights /path/to/file"
-        )
-    raise UserError(
-        f"could not fetch {what} from the Hugging Face hub ({repo}: {'; '.join(problems)}; cache {cache}); "
-        "pass a local file with --weights /path/to/file"
-    )
-
-
-def url_download(url: str, cache_dir: str | None, what: str) -> Path:
-    """Fetch a plain URL into the torch hub cache (``<cache>/checkpoints``), failing fast without a network.
-
-    Raises:
-        UserError: the file is not cached and cannot be downloaded.
-    """
-    from torch.hub import download_url_to_file, get_dir
-
-    folder = Path(cache_dir) if cache_dir else Path(get_dir()) / "checkpoints"
-    target = folder / os.path.basename(urlparse(url).path)
-    if target.is_file():
-        return target
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true"):
-        reason = "HF_HUB_OFFLINE is set"
-    elif not url_reachable(url):
-        reason = f"{urlparse(url).hostname} cannot be reached"
-    else:
-        reason = None
-    if reason:
-        raise UserError(
-            f"{what} is not cached at {target} and {reason}; download {url} yourself and pass it with "
-            "--weights /path/to/file"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30.0)  # urllib has no timeout of its own: a stalled server would hang forever
-    try:
-        download_url_to_file(url, str(target), progress=False)
-    except OSError as e:
-        with contextlib.suppress(FileNotFoundError):
-            target.unlink()
-        raise UserError(f"downloading {what} from {url} failed ({e}); pass a local file with --weights") from None
-    finally:
-        socket.setdefaulttimeout(old)
-    return target
 
 
 def is_hub_id(text: str) -> bool:

@@ -33,18 +33,14 @@ from mr2ft.backbones.base import (
     Backbone,
     FeatureModel,
     Preprocess,
-    extract_state_dict,
-    file_identity,
     finish,
-    hub_download,
     is_hub_id,
-    load_checked,
     logger,
     parse_options,
-    read_checkpoint,
-    url_download,
 )
+from mr2ft.backbones.checkpoint import extract_state_dict, file_identity, load_checked, read_checkpoint
 from mr2ft.errors import UserError
+from mr2ft.hub import hub_download, url_download
 
 OPTIONS = ("normalize", "image_size", "cache_dir")
 DEFAULT_MODEL = "ViT-B-16"

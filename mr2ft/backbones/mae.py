@@ -35,17 +35,14 @@ from mr2ft.backbones.base import (
     FeatureModel,
     Options,
     Preprocess,
-    extract_state_dict,
-    file_identity,
     finish,
-    hub_download,
     is_hub_id,
-    load_checked,
     logger,
     parse_options,
-    read_checkpoint,
 )
+from mr2ft.backbones.checkpoint import extract_state_dict, file_identity, load_checked, read_checkpoint
 from mr2ft.errors import UserError
+from mr2ft.hub import hub_download
 
 OPTIONS = ("normalize", "pool", "image_size", "drop_path_rate", "cache_dir")
 DEFAULT_MODEL = "vit_base_patch16_224"

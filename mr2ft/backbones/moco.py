@@ -27,16 +27,13 @@ from mr2ft.backbones.base import (
     Backbone,
     FeatureModel,
     Preprocess,
-    extract_state_dict,
-    file_identity,
     finish,
-    load_checked,
     logger,
     parse_options,
-    read_checkpoint,
-    url_download,
 )
+from mr2ft.backbones.checkpoint import extract_state_dict, file_identity, load_checked, read_checkpoint
 from mr2ft.errors import UserError
+from mr2ft.hub import url_download
 
 OPTIONS = ("normalize", "image_size", "drop_path_rate", "cache_dir")
 DEFAULT_MODEL = "resnet50"
