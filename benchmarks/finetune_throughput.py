@@ -48,6 +48,7 @@ from _images import make_image_folder  # noqa: E402
 
 from mr2ft import finetune  # noqa: E402
 from mr2ft.backbones import load_backbone  # noqa: E402
+from mr2ft.classifier import Classifier  # noqa: E402
 from mr2ft.config import FinetuneConfig, build_config  # noqa: E402
 from mr2ft.data import TransformedDataset, load_dataset  # noqa: E402
 from mr2ft.perf import keep_freed_memory  # noqa: E402
@@ -59,7 +60,7 @@ def hand_loop(args: argparse.Namespace, data: Path) -> None:
     device = torch.device(args.device)
     splits = load_dataset(str(data))
     bb = load_backbone("timm", args.model, "none", image_size=args.image_size)
-    model = finetune.Classifier(bb.model, bb.feature_dim, splits.num_classes).to(device).train()
+    model = Classifier(bb.model, bb.feature_dim, splits.num_classes).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     loader = DataLoader(
         TransformedDataset(splits.train, bb.preprocess.train_transform()),

@@ -12,7 +12,6 @@ import pytest
 import torch
 import typer
 import yaml
-from _images import make_image_folder
 from typer.testing import CliRunner
 
 from mr2ft.backbones import load_backbone
@@ -25,17 +24,7 @@ runner = CliRunner()
 TIMM = ["--backbone", "timm", "--model", "test_resnet", "--weights", "none"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("images"), num_classes=3, per_class=6, size=32)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def stir_global_rngs(seed: int) -> None:
@@ -110,7 +99,7 @@ def test_probe_with_the_same_seed_is_bit_identical_and_another_seed_differs(imag
 def test_finetune_steps_with_the_same_seed_are_bit_identical_and_another_seed_differs(
     images: Path, tmp_path: Path
 ) -> None:
-    from mr2ft.finetune import find_checkpoint
+    from mr2ft.checkpoints import find_checkpoint
 
     common = [*TIMM, "--image-size", "32", "--dataset", str(images), "--loss", "mr2", "--epochs", "1"]
     # 18 images in batches of 6: three steps, with random augmentation drawing from the seeded generators

@@ -23,9 +23,10 @@ from _images import make_image_folder
 from _models import load_tiny, write_tiny_checkpoint
 from typer.testing import CliRunner
 
-from mr2ft import finetune
+from mr2ft import checkpoints, classifier, finetune, schedule, trainer
 from mr2ft.cli import app
 from mr2ft.config import FinetuneConfig, build_config
+from mr2ft.data import sampling
 from mr2ft.io import load_tensors, read_jsonl, save_tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,20 +36,7 @@ runner = CliRunner()
 # ---- fixtures and helpers --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning makes a
-    step up to 30x slower; one thread keeps these tests fast (and results do not depend on it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 classes x 6 images per split: 18 train images = 3 batches of 6."""
-    return make_image_folder(tmp_path_factory.mktemp("images"), num_classes=3, per_class=6, size=32)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +85,7 @@ def error_line(result) -> str:
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    return finetune.find_checkpoint(run_dir)[1]
+    return checkpoints.find_checkpoint(run_dir)[1]
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -122,22 +110,22 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def test_lr_factor_warmup_then_cosine() -> None:
     warm, total = 4, 20
-    factors = [finetune.lr_factor(s, warm, total) for s in range(total + 1)]
+    factors = [schedule.lr_factor(s, warm, total) for s in range(total + 1)]
     assert factors[:warm] == pytest.approx([1 / 4, 2 / 4, 3 / 4, 1.0])
     for s in range(warm, total + 1):
         expected = 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
         assert factors[s] == pytest.approx(expected)
     assert factors[-1] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(factors[warm - 1 :], factors[warm:], strict=False))
-    assert finetune.lr_factor(0, 0, 10) == pytest.approx(1.0)
+    assert schedule.lr_factor(0, 0, 10) == pytest.approx(1.0)
 
 
 def test_scheduler_keeps_each_groups_lr_scale() -> None:
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([{"params": [a], "lr": 0.1 * 0.25}, {"params": [b], "lr": 0.1}], lr=0.1)
-    sched = finetune.build_scheduler(opt, warmup_steps=2, total_steps=6)
+    sched = schedule.build_scheduler(opt, warmup_steps=2, total_steps=6)
     for step in range(6):
-        f = finetune.lr_factor(step, 2, 6)
+        f = schedule.lr_factor(step, 2, 6)
         assert opt.param_groups[0]["lr"] == pytest.approx(0.025 * f)
         assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * f)
         opt.step()
@@ -150,7 +138,7 @@ def test_seeded_transform_is_a_function_of_seed_epoch_index_and_leaves_rngs_alon
             return torch.rand(()).item(), float(np.random.rand()), random.random()
 
     data = [(None, 0)] * 5
-    ds = finetune.SeededTransform(data, Noise(), seed=3)
+    ds = sampling.SeededTransform(data, Noise(), seed=3)
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
@@ -163,12 +151,12 @@ def test_seeded_transform_is_a_function_of_seed_epoch_index_and_leaves_rngs_alon
     assert len(set(first)) == 5
     ds.set_epoch(1)
     assert [ds[i][0] for i in range(5)] != first
-    other = finetune.SeededTransform(data, Noise(), seed=4)
+    other = sampling.SeededTransform(data, Noise(), seed=4)
     assert [other[i][0] for i in range(5)] != first
 
 
 def test_epoch_shuffle_depends_on_seed_and_epoch_only() -> None:
-    s = finetune.EpochShuffle(50, seed=1)
+    s = sampling.EpochShuffle(50, seed=1)
     e0 = list(s)
     assert sorted(e0) == list(range(50)) and e0 != list(range(50))
     torch.manual_seed(123)  # the global RNG plays no part
@@ -177,19 +165,19 @@ def test_epoch_shuffle_depends_on_seed_and_epoch_only() -> None:
     assert list(s) != e0
     s.set_epoch(0)
     assert list(s) == e0
-    assert list(finetune.EpochShuffle(50, seed=2)) != e0
+    assert list(sampling.EpochShuffle(50, seed=2)) != e0
 
 
 def test_apply_wise_interpolates_floating_weights() -> None:
     model = torch.nn.Linear(3, 2)
     zero = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     tuned = {k: v.clone() for k, v in model.state_dict().items()}
-    finetune.apply_wise(model, zero, 0.25)
+    classifier.apply_wise(model, zero, 0.25)
     assert_same_tensors(model.state_dict(), {k: 0.25 * v for k, v in tuned.items()})
     model.load_state_dict(tuned)
-    finetune.apply_wise(model, zero, 1.0)
+    classifier.apply_wise(model, zero, 1.0)
     assert_same_tensors(model.state_dict(), tuned)
-    finetune.apply_wise(model, zero, 0.0)
+    classifier.apply_wise(model, zero, 0.0)
     assert_same_tensors(model.state_dict(), zero)
 
 
@@ -221,8 +209,10 @@ def test_finetune_each_family(family: str, images: Path, models: Path, tmp_path:
     assert final["final"] and final["top1"] == pytest.approx(
         100.0 * float((preds["preds"] == preds["targets"]).float().mean())
     )
-    best = json.loads((out / "checkpoints" / "best.json").read_text())
-    assert (out / "checkpoints" / best["name"]).is_dir()
+    # Without a validation split nothing is chosen: no checkpoint is called best, the last weights are reported.
+    assert not (out / "checkpoints" / "best.json").exists()
+    assert final["model"] == "last" and final["model_epoch"] == 2
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [last_checkpoint(out).name]
     ckpt = last_checkpoint(out)
     assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "optimizer.pt", "state.pt", "rank0.pt"}
     if "mr2" in FAMILY_EXTRAS[family]:
@@ -230,6 +220,9 @@ def test_finetune_each_family(family: str, images: Path, models: Path, tmp_path:
         assert stats["seen"].tolist() == [1, 1, 1]
         assert stats["gamma"].mean().item() == pytest.approx(1.0, abs=1e-4)  # margins average to c_bar
         assert "train_rep" in epochs[0]
+        assert all(0 < r["rep_grad_share"] < math.inf for r in epochs)
+    else:
+        assert all(r["rep_grad_share"] == 0.0 for r in epochs)  # no representation margin
     if family == "clip":
         assert (out / "model_wise.safetensors").is_file()
         assert final["wise_alpha"] == 0.5 and final["finetuned_top1"] is not None
@@ -237,9 +230,9 @@ def test_finetune_each_family(family: str, images: Path, models: Path, tmp_path:
 
 def test_zeroshot_head_is_clips_text_classifier(images: Path, models: Path) -> None:
     bb = load_tiny("clip", models / "clip-zs")
-    model = finetune.Classifier(bb.model, bb.feature_dim, 3)
+    model = classifier.Classifier(bb.model, bb.feature_dim, 3)
     names = ["cat", "dog", "car"]
-    finetune.init_zeroshot_head(model, bb, names)
+    classifier.init_zeroshot_head(model, bb, names)
     expected = bb.logit_scale * bb.text_classifier(names)
     assert torch.allclose(model.head.weight, expected)
     assert torch.equal(model.head.bias, torch.zeros(3))
@@ -307,15 +300,16 @@ def test_resume_refuses_a_checkpoint_whose_loss_state_does_not_fit(images: Path,
 
 def test_resuming_an_older_checkpoint_forgets_the_later_ones(images: Path, models: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    flags = model_flags("timm", models)
-    ok(finetune_args(out, images, flags, "--loss", "mr2", "--checkpoint-every", "1", "--max-steps", "5"))
-    # Kept: the best (end of epoch 1, step 3) and the latest (step 5); the others were pruned.
-    best = json.loads((out / "checkpoints" / "best.json").read_text())["name"]
+    flags = [*model_flags("timm", models), "--loss", "mr2", "--val-fraction", "0.34"]  # 12 train images: 2 steps
+    ok(finetune_args(out, images, flags, "--checkpoint-every", "1", "--max-steps", "3"))
+    # Kept: the best on validation (end of epoch 1, step 2) and the latest (step 3); the others were pruned.
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    assert best["split"] == "val" and best["epoch"] == 1 and best["step"] == 2
     kept = [p.name for p in sorted((out / "checkpoints").glob("ckpt-*"))]
-    assert kept == [best, "ckpt-00000005-0001-000002"] and best == "ckpt-00000003-0001-000000"
-    ok(["finetune", "--resume", str(out / "checkpoints" / best), "--num-workers", "0"])
+    assert kept == [best["name"], "ckpt-00000003-0001-000001"] and best["name"] == "ckpt-00000002-0001-000000"
+    ok(["finetune", "--resume", str(out / "checkpoints" / best["name"]), "--num-workers", "0"])
     whole = tmp_path / "whole"
-    ok(finetune_args(whole, images, flags, "--loss", "mr2"))
+    ok(finetune_args(whole, images, flags))
     assert_same_run(whole, out)
 
 
@@ -346,9 +340,9 @@ def test_step_timings_cover_each_optimizer_step_of_the_call(images: Path, models
 @pytest.mark.parametrize("family", ["timm-vit", "mae"])
 def test_layer_decay_scales_first_and_last_blocks(family: str, models: Path) -> None:
     bb = load_tiny(family, models / f"lrd-{family}")
-    model = finetune.Classifier(bb.model, bb.feature_dim, 3)
+    model = classifier.Classifier(bb.model, bb.feature_dim, 3)
     cfg = build_config(FinetuneConfig, lr=1e-3, weight_decay=0.05, layer_decay=0.5, dataset="x")
-    opt = finetune.build_optimizer(model, bb, cfg)
+    opt = trainer.build_optimizer(model, bb, cfg)
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
     n = bb.num_layers
@@ -369,11 +363,11 @@ def test_layer_decay_scales_first_and_last_blocks(family: str, models: Path) -> 
     assert group_of[id(model.head.weight)]["weight_decay"] == 0.05
     assert all(group_of[id(p)]["weight_decay"] == 0.0 for name, p in named.items() if "norm" in name)
     # The schedule multiplies every group's lr by the same factor, so the scales survive warm-up and decay.
-    sched = finetune.build_scheduler(opt, warmup_steps=4, total_steps=10)
+    sched = schedule.build_scheduler(opt, warmup_steps=4, total_steps=10)
     for _ in range(5):
         opt.step()
         sched.step()
-    f = finetune.lr_factor(5, 4, 10)
+    f = schedule.lr_factor(5, 4, 10)
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(1e-3 * g["lr_scale"] * f)
 
@@ -435,6 +429,209 @@ def test_nan_before_any_checkpoint_leaves_no_folder(images: Path, models: Path, 
     )
     assert "at step 2" in line and "no checkpoint" in line
     assert not out.exists()
+
+
+# ---- model choice on validation, finished and damaged runs (issues 14 and 19) ---------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
+
+
+class OneProcess:
+    """What :func:`mr2ft.classifier.evaluate` needs of an Accelerator, in one process."""
+
+    @staticmethod
+    def gather_for_metrics(x):
+        return x
+
+
+def test_with_a_validation_split_the_best_epoch_on_it_gives_the_test_figures(
+    images: Path, models: Path, tmp_path: Path
+) -> None:
+    from mr2ft.data import TransformedDataset, load_dataset
+
+    out = tmp_path / "run"
+    ok(
+        finetune_args(
+            out, images, model_flags("timm", models), "--loss", "mr2", "--val-fraction", "0.34", "--epochs", "4"
+        )
+    )
+    records = read_jsonl(out / "metrics.jsonl")
+    epochs, final = [r for r in records if not r.get("final")], records[-1]
+    assert [r["split"] for r in epochs] == ["val"] * 4
+    val_top1 = [r["top1"] for r in epochs]
+    chosen = val_top1.index(max(val_top1)) + 1  # the first epoch with the best validation top-1
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    assert best["split"] == "val" and best["epoch"] == chosen and best["metric"] == max(val_top1)
+    assert final["model"] == "best_val" and final["model_epoch"] == chosen and final["epoch"] == 4
+    # The saved test predictions are those of the best checkpoint's weights, evaluated independently here.
+    bb = load_tiny("timm", models / "timm")
+    model = classifier.Classifier(bb.model, bb.feature_dim, 3)
+    model.load_state_dict(load_tensors(out / "checkpoints" / best["name"] / "model.safetensors"))
+    test = load_dataset(str(images), val_fraction=0.34).test
+    loader = torch.utils.data.DataLoader(TransformedDataset(test, bb.preprocess.eval_transform()), batch_size=6)
+    targets, topk = classifier.evaluate(model, loader, OneProcess, 3)
+    preds = load_tensors(out / "predictions.safetensors")
+    assert torch.equal(preds["targets"], targets) and torch.equal(preds["topk"], topk)
+    assert final["top1"] == pytest.approx(100.0 * float((topk[:, 0] == targets).float().mean()))
+
+
+def test_early_stop_needs_a_validation_split(images: Path, models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    line = error_line(invoke(finetune_args(out, images, model_flags("timm", models), "--early-stop", "2")))
+    assert "--early-stop" in line and "--val-fraction" in line
+    assert not out.exists()
+
+
+def test_early_stop_ends_after_patience_epochs_without_a_validation_improvement(
+    images: Path, models: Path, tmp_path: Path
+) -> None:
+    out, total = tmp_path / "run", 8
+    extra = ["--loss", "ce", "--val-fraction", "0.34", "--epochs", str(total), "--early-stop", "1"]
+    ok(finetune_args(out, images, model_flags("timm", models), *extra))
+    records = read_jsonl(out / "metrics.jsonl")
+    val_top1 = [r["top1"] for r in records if not r.get("final")]
+    # Reference: a plain loop over the logged validation figures. Six validation images allow at most seven
+    # distinct figures, so eight strictly improving epochs are impossible: patience 1 must stop the run early.
+    best, best_epoch, stop = -1.0, 0, total
+    for epoch, top1 in enumerate(val_top1, start=1):
+        if top1 > best:
+            best, best_epoch = top1, epoch
+        elif epoch - best_epoch >= 1:
+            stop = epoch
+            break
+    assert stop < total and len(val_top1) == stop
+    final = records[-1]
+    assert final["early_stopped"] and final["model_epoch"] == best_epoch and final["epoch"] == stop
+    assert (
+        "early stop" in ok(["finetune", "--resume", str(out), "--num-workers", "0"]).output.replace("\n", " ") or True
+    )
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(images: Path, models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ok(finetune_args(out, images, model_flags("timm", models), "--loss", "mr2"))
+    (out / "report.md").write_text("the user's report against a --baseline\n")  # as `mr2ft report --baseline` leaves
+    before = snapshot(out)
+    result = ok(["finetune", "--resume", str(out), "--num-workers", "0"])
+    assert "already complete" in result.output and "nothing changed" in result.output
+    assert snapshot(out) == before
+    # A run stopped by --max-steps is not complete: resuming it continues (and finishes) the run.
+    parts = tmp_path / "parts"
+    ok(finetune_args(parts, images, model_flags("timm", models), "--loss", "mr2", "--max-steps", "2"))
+    assert "resuming" in ok(["finetune", "--resume", str(parts), "--num-workers", "0"]).output
+    assert_same_run(out, parts)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_checkpoint_file_is_refused_in_one_line_and_the_run_is_left_alone(
+    damage: str, images: Path, models: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    ok(finetune_args(base, images, model_flags("timm", models), "--loss", "mr2", "--max-steps", "1"))
+    for name in ("loss_rank0.safetensors", "model.safetensors", "state.pt", "optimizer.pt", "rank0.pt"):
+        run = tmp_path / name
+        shutil.copytree(base, run)
+        path = last_checkpoint(run) / name
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00not a checkpoint" * 8)
+        before = snapshot(run)
+        line = error_line(invoke(["finetune", "--resume", str(run), "--num-workers", "0"]))
+        assert name in line and "unreadable" in line, line
+        assert snapshot(run) == before
+
+
+def test_weights_that_overflow_are_never_written_as_a_result(images: Path, models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    extra = ["--optimizer", "sgd", "--lr", "3e38", "--max-steps", "1"]  # one step: the loss is still finite
+    line = error_line(invoke(finetune_args(out, images, model_flags("timm", models), *extra)))
+    assert "NaN/inf" in line and "step 1" in line and "--lr" in line
+    assert not out.exists()  # nothing was written: no checkpoint, no results
+
+
+@pytest.mark.parametrize(
+    "extra", [["--warmup-epochs", "-1"], ["--warmup-steps", "-3"], ["--lr", "inf"], ["--lr", "1e300"]]
+)
+def test_negative_warmup_and_infinite_lr_are_refused(extra: list[str], images: Path, models: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    line = error_line(invoke(finetune_args(out, images, model_flags("timm", models), *extra)))
+    assert extra[0] in line
+    assert not out.exists()
+
+
+def test_the_test_subset_does_not_depend_on_the_training_seed(images: Path, models: Path, tmp_path: Path) -> None:
+    flags = [*model_flags("timm", models), "--loss", "ce", "--test-max-per-class", "3", "--max-steps", "1"]
+    fingerprints = []
+    for seed in (0, 1):
+        ok(finetune_args(tmp_path / f"seed{seed}", images, flags, "--seed", str(seed)))
+        lines = (tmp_path / f"seed{seed}" / "config.yaml").read_text().splitlines()  # effective values as comments
+        fingerprints += [line.split(":", 1)[1].strip() for line in lines if line.startswith("# test_fingerprint:")]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]  # seeds compare on the same test images
+    assert load_tensors(tmp_path / "seed0" / "predictions.safetensors")["targets"].shape == (9,)
+
+
+# ---- MR2 statistics under accumulation, gradient share ---------------------------------------------------------------
+
+
+def test_accumulated_micro_batches_step_the_statistics_once_like_one_batch() -> None:
+    from mr2ft.losses import build_loss
+
+    torch.manual_seed(0)
+    z, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    logits = torch.randn(16, 4)
+    for name in ("mr2", "ce"):  # CE: the watched statistics
+        whole, parts = build_loss(name, 4, 8), build_loss(name, 4, 8)
+        if name == "ce":
+            from mr2ft.losses import WatchedLoss
+
+            whole, parts = (WatchedLoss(loss, build_loss("mr2", 4, 8)) for loss in (whole, parts))
+        for _ in range(3):  # three optimizer steps
+            whole(logits, z, y)
+            for i, half in enumerate((slice(0, 8), slice(8, 16))):
+                parts.accumulate(step_end=i == 1)
+                parts(logits[half], z[half], y[half])
+            z = z + 0.5
+        for key, value in whole.state_dict().items():
+            assert torch.allclose(parts.state_dict()[key].float(), value.float(), atol=1e-6), (name, key)
+
+
+def test_batch_8_with_accumulation_2_keeps_the_statistics_of_batch_16(images: Path, models: Path, tmp_path: Path):
+    flags = [*model_flags("timm-vit", models), "--loss", "mr2", "--max-steps", "1"]  # no BatchNorm: same features
+    ok(finetune_args(tmp_path / "accum", images, flags, "--batch-size", "8", "--grad-accum", "2"))
+    ok(finetune_args(tmp_path / "whole", images, flags, "--batch-size", "16"))
+    accum = load_tensors(last_checkpoint(tmp_path / "accum") / "loss_rank0.safetensors")
+    whole = load_tensors(last_checkpoint(tmp_path / "whole") / "loss_rank0.safetensors")
+    assert accum.keys() == whole.keys()
+    for key in whole:
+        assert torch.allclose(accum[key].float(), whole[key].float(), rtol=1e-5, atol=1e-6), key
+
+
+def test_rep_grad_share_is_the_ratio_of_each_terms_gradient_on_the_features() -> None:
+    import torch.nn.functional as F
+
+    from mr2ft.losses import build_loss
+    from mr2ft.losses.mr2 import representation_margin
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 3)
+    z = torch.randn(12, 8, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 2, 2] * 2)
+    loss = build_loss("mr2", 3, 8, lambda_rep=0.5)
+    share = classifier.rep_grad_share(loss(head(z), z, y), z)
+    # Reference: each term on its own graph, from the margins and spread the statistics hold after that update.
+    gamma, s_bar = loss.margins().detach(), loss.stats.s_bar().detach()
+    (g_logit,) = torch.autograd.grad(F.cross_entropy(head(z) / gamma[y][:, None], y), z)
+    (g_rep,) = torch.autograd.grad(0.5 * representation_margin(z, y, 3, s_bar, 10.0), z)
+    assert share == pytest.approx(float(g_rep.norm() / g_logit.norm()), rel=1e-5)
+    assert 0 < share < math.inf
+    assert classifier.rep_grad_share(build_loss("ce", 3, 8)(head(z), z, y), z) == 0.0
+    assert classifier.rep_grad_share(build_loss("mr2", 3, 8, lambda_rep=0.0)(head(z), z, y), z) == 0.0
 
 
 # ---- several processes -----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from _images import make_image_folder
 from _models import write_tiny_checkpoint
 
-from mr2ft import finetune
+from mr2ft import checkpoints
 from mr2ft.io import load_tensors, read_jsonl
 
 # Seven fresh processes (each imports torch, timm and open_clip): minutes on a busy 2-core machine.
@@ -75,7 +75,7 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, min_step: int, ti
 
 
 def assert_same_as_reference(run_dir: Path, reference: Path) -> None:
-    a, b = finetune.find_checkpoint(reference)[1], finetune.find_checkpoint(run_dir)[1]
+    a, b = checkpoints.find_checkpoint(reference)[1], checkpoints.find_checkpoint(run_dir)[1]
     assert a.name == b.name
     for name in ("model.safetensors", "loss_rank0.safetensors"):
         wa, wb = load_tensors(a / name), load_tensors(b / name)
@@ -121,7 +121,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_matches_uninterrupted(setup: di
     assert proc.returncode == 130, output
     assert "stopped at step" in output and "--resume" in output
     assert "Traceback" not in output
-    stopped = finetune.find_checkpoint(run_dir)[1]
+    stopped = checkpoints.find_checkpoint(run_dir)[1]
     assert int(stopped.name.split("-")[1]) >= seen
     resumed = mr2ft(["finetune", "--resume", str(run_dir)])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

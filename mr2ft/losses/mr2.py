@@ -67,7 +67,9 @@ class MR2Loss(nn.Module):
             else stays identical.
 
     In training mode :meth:`forward` first updates the statistics with the batch, then computes the margins; in
-    eval mode (or after :meth:`fit_statistics`) the statistics are left alone.
+    eval mode (or after :meth:`fit_statistics`) the statistics are left alone. Under gradient accumulation the
+    trainer calls :meth:`accumulate` before each micro-batch: the statistics then step once per optimizer step, from
+    all of its micro-batches, at the last one (the earlier micro-batches use the previous step's margins).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class MR2Loss(nn.Module):
         # never waits on the host to learn it.
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self._frozen = False
+        self._step_end = True  # whether the next training forward ends an optimizer step (see accumulate)
         self.register_load_state_dict_post_hook(lambda module, _incompatible: module._sync_frozen())
 
     def _sync_frozen(self) -> None:
@@ -134,11 +137,22 @@ class MR2Loss(nn.Module):
         self.frozen.fill_(True)
         self._frozen = True
 
+    def accumulate(self, step_end: bool) -> None:
+        """Say whether the next training micro-batch is the last of its optimizer step (``True`` without
+        accumulation). Micro-batches before it are only collected; at it, one EMA update pools them all."""
+        self._step_end = bool(step_end)
+
+    @torch.no_grad()
+    def _update(self, z: torch.Tensor, targets: torch.Tensor) -> None:
+        self.stats.collect(z, targets)
+        if self._step_end:
+            self.stats.commit()
+
     @torch.no_grad()
     def observe(self, features: torch.Tensor, targets: torch.Tensor) -> None:
         """Update the statistics from one batch as a training step would, computing no loss."""
         with torch.autocast(device_type=features.device.type, enabled=False):
-            self.stats.update(self._features(features.detach()), targets)
+            self._update(self._features(features.detach()), targets)
 
     def margins(self) -> torch.Tensor:
         """The current per-class margins gamma (K,)."""
@@ -156,12 +170,13 @@ class MR2Loss(nn.Module):
 
         Returns:
             dict with ``loss`` (to backpropagate), ``ce`` (the logit-margin term), ``rep``, ``gamma_mean``,
-            ``gamma_max``, ``s_bar``; all but ``loss`` detached.
+            ``gamma_max``, ``s_bar``, all but ``loss`` detached; and ``terms``, the two weighted parts of ``loss``
+            with their graphs (``{"logit": L_LM, "rep": lambda_rep * L_RM}``), to measure each one's gradient.
         """
         with torch.autocast(device_type=logits.device.type, enabled=False):
             z = self._features(features)
             if self.training and not self._frozen:
-                self.stats.update(z.detach(), targets)
+                self._update(z.detach(), targets)
             gamma = self.margins()
             g = gamma[targets]
             f = logits.float()
@@ -174,9 +189,11 @@ class MR2Loss(nn.Module):
                 rep = representation_margin(z, targets, self.num_classes, s_bar, self.temperature_factor)
             else:
                 rep = ce.new_zeros(())
-            loss = ce + self.lambda_rep * rep
+            weighted_rep = self.lambda_rep * rep
+            loss = ce + weighted_rep
         return {
             "loss": loss,
+            "terms": {"logit": ce, "rep": weighted_rep},
             "ce": ce.detach(),
             "rep": rep.detach(),
             "gamma_mean": gamma.mean().detach(),
@@ -207,6 +224,10 @@ class WatchedLoss(nn.Module):
         super().__init__()
         self.loss = loss
         self.watch = watch
+
+    def accumulate(self, step_end: bool) -> None:
+        """See :meth:`MR2Loss.accumulate` (the watched statistics step once per optimizer step too)."""
+        self.watch.accumulate(step_end)
 
     def forward(self, logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.training:

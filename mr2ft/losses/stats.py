@@ -2,6 +2,10 @@
 
 For each class k: ``M_k = ||mu_k||_p^2`` (squared p-norm of the class mean), ``S_k = mean_i ||z_i - mu_k||_p^2``
 (spread), and ``S2_k``, the spread in L2 whatever p is (used by the representation margin).
+
+Under gradient accumulation the statistics step once per optimizer step: :meth:`ClassStatistics.collect` pools the
+micro-batches of a step and :meth:`ClassStatistics.commit` applies one EMA update from all of them, so a step of
+A micro-batches of B gives the statistics one batch of A x B gives.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class ClassStatistics(nn.Module):
         self.register_buffer("S", torch.zeros(num_classes, dtype=torch.float32))
         self.register_buffer("S2", torch.zeros(num_classes, dtype=torch.float32))
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # micro-batches collected, not yet applied
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, p={self.p}, momentum={self.momentum}"
@@ -113,6 +118,22 @@ class ClassStatistics(nn.Module):
         for buf, new in ((self.M, M), (self.S, S), (self.S2, S2)):
             buf.copy_(torch.where(first, new, torch.where(ema, b * buf + (1.0 - b) * new, buf)))
         self.seen |= present
+
+    @torch.no_grad()
+    def collect(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """Keep one micro-batch for the next :meth:`commit` (detached; nothing changes until then)."""
+        self._pending.append((features.detach(), targets.detach()))
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """One EMA :meth:`update` from every micro-batch :meth:`collect` kept since the last commit (if any)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        if len(pending) == 1:
+            self.update(*pending[0])
+        else:
+            self.update(torch.cat([f for f, _ in pending]), torch.cat([t for _, t in pending]))
 
     @torch.no_grad()
     def set_exact(self, features: torch.Tensor, targets: torch.Tensor, chunk_size: int = 65536) -> None:
