@@ -86,8 +86,11 @@ def pair7(tmp_path):
 
 
 def test_build_report_figures_against_loops_with_baseline_groups(pair7):
+    """The paper's protocol (--groups test): groups from the baseline's test accuracy, labelled as biased."""
     k, targets = pair7["k"], pair7["targets"]
-    rep = report.build_report(load_run(pair7["run"]), load_run(pair7["base"]))
+    rep = report.build_report(load_run(pair7["run"]), load_run(pair7["base"]), groups="test")
+    assert rep["grouping"]["method"] == "test" and rep["grouping"]["selection_bias"] is True
+    assert "selection bias" in rep["grouping"]["rule"] and "selection bias" in rep["warnings"][-1]
     run_acc, support, correct = ref_accuracy(pair7["run_preds"], targets, k)
     base_acc, _, _ = ref_accuracy(pair7["base_preds"], targets, k)
 
@@ -170,7 +173,7 @@ def test_margins_not_applied_by_the_runs_loss_are_said_to_be_so(pair7, applied):
         run["info"] = {k: v for k, v in run["info"].items() if k != "margins_applied"}  # older classes.json
     rep = report.build_report(run)
     md = report.render_markdown(rep)
-    titles = {title: caption for title, caption, _ in report._plots(rep)}
+    titles = {title: caption for title, caption, _ in report.report_plots(rep)}
     note = "did not apply these margins"
     assert (note in md) == (applied is False)
     assert (note in titles["Accuracy against margin"]) == (applied is False)
@@ -286,10 +289,12 @@ def test_thousand_class_report_builds_in_seconds(tmp_path):
 
 def test_compare_runs_fixes_groups_by_baseline_and_bootstraps(tmp_path, pair7):
     same = make_run(tmp_path / "same", NAMES7, pair7["targets"], pair7["base_preds"])
-    result = report.compare_runs([pair7["run"], same, pair7["base"]], baseline_dir=pair7["base"], n_boot=300)
+    result = report.compare_runs(
+        [pair7["run"], same, pair7["base"]], baseline_dir=pair7["base"], n_boot=300, groups="test"
+    )
     assert [r["name"] for r in result["rows"]] == ["base", "run", "same"]  # baseline first, listed only once
     assert result["reference"]["is_baseline"] is True and result["grouping"]["source"] == "baseline"
-    ref_rep = report.build_report(load_run(pair7["run"]), load_run(pair7["base"]))
+    ref_rep = report.build_report(load_run(pair7["run"]), load_run(pair7["base"]), groups="test", n_boot=300)
     run_row = result["rows"][1]
     for name in ("top1", "easy", "medium", "hard", "worst_class", "std"):
         assert run_row["values"][name] == pytest.approx(metrics.headline_figures(ref_rep["summary"])[name])
@@ -370,11 +375,15 @@ def test_cli_report_and_compare(tmp_path, pair7):
         ["report", "{run}", "--baseline", "{missing}"],
         ["report", "{run}", "--format", "pdf"],
         ["compare", "{run}", "{empty}"],
+        ["report", "{run}", "--groups", "test"],  # --groups without a baseline
+        ["report", "{run}", "--baseline", "{base}", "--groups", "val"],  # no validation predictions saved
+        ["compare", "{base}", "{run}", "--groups", "train"],
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, pair7, args):
     (tmp_path / "empty").mkdir()
     values = {"missing": str(tmp_path / "nope"), "run": str(pair7["run"]), "empty": str(tmp_path / "empty")}
+    values["base"] = str(pair7["base"])
     result = CliRunner().invoke(app, [a.format(**values) for a in args])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -463,3 +472,356 @@ def test_html_report_renders_in_headless_chromium(tmp_path, k):
     console = [line for line in stderr.splitlines() if ":CONSOLE" in line]
     assert console == [], "console output: " + "\n".join(console)
     assert result["ms"] < 15000, f"the page took {result['ms']} ms to load"
+
+
+# ---- which images choose the groups (issue 13) ----------------------------------------------------------------
+
+
+def loop_group_means(acc_by_class, members):
+    return {g: sum(acc_by_class[c] for c in cs) / len(cs) for g, cs in members.items() if cs}
+
+
+def loop_crossfit(targets, base_preds, run_preds, k):
+    """Cross-fitted group means of baseline and run by plain loops: rank on one half, score on the other, average."""
+    first = metrics.crossfit_halves(np.array(targets), k)  # the split itself; everything else is plain Python
+    out = {"base": {}, "run": {}}
+    for choose in (True, False):
+        pick = [i for i in range(len(targets)) if first[i] == choose]
+        score = [i for i in range(len(targets)) if first[i] != choose]
+        base_acc, _, _ = ref_accuracy([base_preds[i] for i in pick], [targets[i] for i in pick], k)
+        ranked = sorted((c for c in range(k) if base_acc[c] is not None), key=lambda c: (-base_acc[c], c))
+        sizes = metrics.group_sizes(len(ranked))
+        members = {
+            "easy": ranked[: sizes[0]],
+            "medium": ranked[sizes[0] : sizes[0] + sizes[1]],
+            "hard": ranked[sizes[0] + sizes[1] :],
+        }
+        for who, preds in (("base", base_preds), ("run", run_preds)):
+            acc, _, _ = ref_accuracy([preds[i] for i in score], [targets[i] for i in score], k)
+            for g, v in loop_group_means(acc, members).items():
+                out[who].setdefault(g, []).append(v)
+    return {who: {g: sum(v) / len(v) for g, v in groups.items()} for who, groups in out.items()}
+
+
+def test_default_groups_are_crossfitted_and_match_a_loop(pair7):
+    k = pair7["k"]
+    rep = report.build_report(load_run(pair7["run"]), load_run(pair7["base"]))
+    assert rep["grouping"]["method"] == "crossfit" and rep["grouping"]["selection_bias"] is False
+    assert "cross-fitted" in rep["grouping"]["rule"] and "1 class without test images" in rep["grouping"]["rule"]
+    assert not any("selection bias" in w for w in rep["warnings"])
+    expected = loop_crossfit(pair7["targets"], pair7["base_preds"], pair7["run_preds"], k)
+    for g in ("easy", "medium", "hard"):
+        assert rep["summary"]["groups"][g]["accuracy"] == pytest.approx(expected["run"][g])
+        assert rep["baseline"]["summary"]["groups"][g]["accuracy"] == pytest.approx(expected["base"][g])
+        assert rep["deltas"][g] == pytest.approx(expected["run"][g] - expected["base"][g])
+        lo, hi = rep["intervals"][g]
+        assert lo <= rep["deltas"][g] <= hi
+    # Figures that do not depend on groups are those of every test image.
+    run_acc, _, correct = ref_accuracy(pair7["run_preds"], pair7["targets"], k)
+    assert rep["summary"]["top1"] == pytest.approx(100 * sum(correct) / len(pair7["targets"]))
+    text = report.render_markdown(rep)
+    assert "cross-fitted" in text and "paired bootstrap interval" in text
+
+
+def test_validation_groups_when_the_baseline_saved_validation_predictions(pair7):
+    k = pair7["k"]
+    base = load_run(pair7["base"])
+    val_targets, val_preds = synthetic(k, 10, [0.2, 0.9, 0.5, 0.5, 0.8, 0.3, 0.6], seed=5, empty=(3,))
+    base["val_targets"], base["val_preds"] = torch.tensor(val_targets), torch.tensor(val_preds)
+    rep = report.build_report(load_run(pair7["run"]), base)
+    assert rep["grouping"]["method"] == "val" and "validation" in rep["grouping"]["rule"]
+    val_acc, _, _ = ref_accuracy(val_preds, val_targets, k)
+    ranked = sorted((c for c in range(k) if val_acc[c] is not None), key=lambda c: (-val_acc[c], c))
+    members = {"easy": ranked[:2], "medium": ranked[2:4], "hard": ranked[4:]}
+    run_acc, _, _ = ref_accuracy(pair7["run_preds"], pair7["targets"], k)
+    for g, v in loop_group_means(run_acc, members).items():
+        assert rep["summary"]["groups"][g]["accuracy"] == pytest.approx(v)
+    assert [row["group"] for row in rep["per_class"]] == [
+        next((g for g, cs in members.items() if c in cs), None) for c in range(k)
+    ]
+    # Asked for explicitly without validation predictions: one clear error.
+    with pytest.raises(UserError, match="--groups val needs validation predictions"):
+        report.build_report(load_run(pair7["run"]), load_run(pair7["base"]), groups="val")
+    with pytest.raises(UserError, match="unknown --groups"):
+        report.build_report(load_run(pair7["run"]), load_run(pair7["base"]), groups="train")
+
+
+def simulated_pair(rng, k=30, n=40):
+    """Two runs with the same per-class accuracy and independent errors: no real difference between them."""
+    p = rng.uniform(0.3, 0.9, k)
+    targets = np.repeat(np.arange(k), n)
+    preds = []
+    for _ in range(2):
+        right = rng.random(targets.size) < p[targets]
+        preds.append(np.where(right, targets, (targets + 1 + rng.integers(0, k - 1, targets.size)) % k))
+    run = {"path": Path("sim-run"), "class_names": [f"c{c}" for c in range(k)], "stats": None, "info": {}}
+    runs = []
+    for pr in preds:
+        t, pr_t = torch.tensor(targets), torch.tensor(pr)
+        runs.append(dict(run, targets=t, preds=pr_t, topk=pr_t[:, None].repeat(1, 5)))
+    return runs
+
+
+def test_crossfit_removes_the_regression_to_the_mean_that_test_groups_show():
+    rng = np.random.default_rng(13)
+    hard = {"test": [], "crossfit": []}
+    for _ in range(150):
+        base, run = simulated_pair(rng)
+        for rule in hard:
+            rep = report.build_report(run, base, groups=rule, n_boot=1)
+            hard[rule].append(rep["deltas"]["hard"])
+    test, cross = np.array(hard["test"]), np.array(hard["crossfit"])
+    # Groups chosen on the scored images: the baseline's unlucky classes recover for the other run.
+    assert test.mean() > 2.0, test.mean()
+    # Cross-fitted: centred at 0 (within 3 standard errors and well under the test-group bias).
+    assert abs(cross.mean()) < 3 * cross.std() / np.sqrt(cross.size), (cross.mean(), cross.std())
+    assert abs(cross.mean()) < 0.25 * test.mean()
+    assert np.abs(cross).mean() < np.abs(test).mean()
+
+
+def test_test_groups_are_labelled_in_every_output(tmp_path, pair7):
+    out = report.write_report(pair7["run"], pair7["base"], groups="test")
+    run = Path(pair7["run"])
+    assert out["grouping"]["selection_bias"] is True
+    assert strict_json((run / "report.json").read_text())["grouping"]["warning"].startswith("Subject to selection")
+    for name in ("report.md", "report.html"):
+        assert "selection bias" in (run / name).read_text(encoding="utf-8"), name
+    assert "selection bias" in report.headline(out)
+    result = report.compare_runs([pair7["base"], pair7["run"]], n_boot=20, groups="test")
+    assert result["grouping"]["selection_bias"] is True
+    assert "selection bias" in report.compare_markdown(result)
+    assert set(r["groups"] for r in csv.DictReader(io.StringIO(report.compare_csv(result)))) == {"test"}
+    cli = CliRunner().invoke(app, ["compare", str(pair7["base"]), str(pair7["run"]), "--groups", "test"])
+    assert cli.exit_code == 0 and "selection bias" in " ".join(cli.stdout.split()), cli.output
+    cli = CliRunner().invoke(app, ["report", str(pair7["run"]), "--baseline", str(pair7["base"]), "--groups", "test"])
+    assert cli.exit_code == 0 and "selection bias" in cli.stdout, cli.output
+    default = CliRunner().invoke(app, ["compare", str(pair7["base"]), str(pair7["run"]), "--n-boot", "20"])
+    assert default.exit_code == 0 and "--groups crossfit" in " ".join(default.stdout.split()), default.output
+
+
+# ---- issue 19: what a report says, and what it refuses --------------------------------------------------------
+
+
+def test_per_class_csv_neutralises_formula_injection(tmp_path):
+    names = ['=HYPERLINK("http://x")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)", "\tTAB", "\rCR", "fine", "1-2"]
+    k = len(names)
+    targets, preds = synthetic(k, 6, [0.9, 0.1, 0.5, 0.5, 0.5, 0.5, 0.2, 0.8], seed=3)
+    base_targets, base_preds = synthetic(k, 6, [0.1, 0.9, 0.5, 0.5, 0.5, 0.5, 0.8, 0.2], seed=4)
+    base = make_run(tmp_path / "base", names, base_targets, base_preds)
+    run = make_run(tmp_path / "run", names, targets, preds)
+    report.write_report(run, base, formats="csv")
+    rows = list(csv.DictReader(io.StringIO((run / "per_class.csv").read_bytes().decode("utf-8"), newline="")))
+    assert [r["name"] for r in rows] == ["'" + n for n in names[:6]] + ["fine", "1-2"]
+    deltas = [r["delta"] for r in rows if r["delta"].startswith("-")]
+    assert deltas and all(float(d) < 0 for d in deltas), "a negative change must stay a number"
+    evil = make_run(tmp_path / "=cmd", names, targets, preds)
+    result = report.compare_runs([base, evil], n_boot=10)
+    assert [r["run"] for r in csv.DictReader(io.StringIO(report.compare_csv(result)))] == ["base", "'=cmd"]
+
+
+def _fake_result(delta, low, high):
+    fig = {"top1": 50.0, "easy": 80.0, "medium": 50.0, "hard": 20.0, "worst_class": 5.0, "std": 10.0}
+    row = {"name": "run", "path": "run", "is_reference": False, "values": fig, "worst_class_name": "c0"}
+    row["deltas"] = {key: delta for key in fig}
+    row["intervals"] = {key: [low, high] for key in fig}
+    ref = dict(row, name="ref", is_reference=True, deltas=None, intervals=None)
+    return {
+        "reference": {"path": "ref", "name": "ref", "is_baseline": True},
+        "num_classes": 3,
+        "num_images": 30,
+        "grouping": {"method": "crossfit", "method_name": "cross-fitted", "warning": None,
+                     "sizes": {"easy": 1, "medium": 1, "hard": 1}},
+        "bootstrap": {"n_boot": 10, "seed": 0, "ci": 0.95},
+        "rows": [ref, row],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("delta", "low", "high", "top1_color", "std_color", "star"),
+    [
+        (1.5, 0.5, 2.5, "green", "red", True),  # interval above 0: a gain (a loss for std, where lower is better)
+        (1.5, -0.5, 3.5, "default", "default", False),  # positive change, interval across 0: not coloured
+        (-1.5, -2.5, -0.5, "red", "green", True),
+        (-1.5, -3.5, 0.5, "default", "default", False),
+    ],
+)
+def test_compare_terminal_marks_and_colours_by_interval(delta, low, high, top1_color, std_color, star):
+    table = report.compare_table(_fake_result(delta, low, high))
+    headers = [str(c.header) for c in table.columns]
+    cells = {h: list(c._cells) for h, c in zip(headers, table.columns, strict=True)}
+    top1, std = cells["overall"][1], cells["std"][1]
+    assert f"[{top1_color}]" in top1 and f"[{std_color}]" in std, (top1, std)
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(table)
+    text = console.export_text()
+    assert ("]*" in text) == star
+    assert "* = the interval excludes 0" in " ".join(text.split())
+
+
+def with_header(path, loss="mr2", mode="probe", epochs=30, records=None):
+    """Give a test run the facts a real run records: loss and mode in classes.json, epochs, metrics.jsonl."""
+    from mr2ft.io import read_json, write_json
+
+    info = read_json(path / "classes.json")
+    write_json(path / "classes.json", {**info, "loss": loss, "mode": mode})
+    (path / "config.yaml").write_text(f"command: {mode}\nloss: {loss}\nepochs: {epochs}\n")
+    if records is not None:
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_report_pages_name_loss_mode_epochs_and_show_intervals(pair7):
+    with_header(Path(pair7["run"]))
+    out = report.write_report(pair7["run"], pair7["base"])
+    run = Path(pair7["run"])
+    facts = "loss mr2, probe, 30 epochs"
+    assert out["run"]["mode"] == "probe" and out["run"]["epochs"] == 30
+    md = (run / "report.md").read_text(encoding="utf-8")
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert facts in md and facts in page and facts in report.headline(out)
+    assert re.search(r"\| [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\]\*? \|", md), "changes need their intervals"
+    assert re.search(r"\([+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\]\*?\)", report.headline(out))
+    assert "paired bootstrap interval" in page
+
+
+@pytest.mark.parametrize(("share", "warned"), [(1e-4, True), (0.05, False)])
+def test_inactive_representation_margin_is_warned_about(pair7, share, warned):
+    records = [{"epoch": e, "train_rep_grad_share": share} for e in (1, 2)] + [{"final": True, "epoch": 2}]
+    with_header(Path(pair7["run"]), mode="finetune", epochs=5, records=records)
+    out = report.write_report(pair7["run"], formats="md,html")
+    assert out["run"]["rep_grad_share"] == pytest.approx(share) and out["run"]["epochs"] == 2
+    note = "MR2's representation margin was inactive in this run"
+    for name in ("report.md", "report.html"):
+        assert (note in html_unescape((Path(pair7["run"]) / name).read_text(encoding="utf-8"))) == warned
+    assert (note in report.headline(out)) == warned
+
+
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_plot_captions_follow_the_data(tmp_path, sign):
+    k = 9
+    skill = [0.95 - 0.1 * c for c in range(k)]
+    targets, preds = synthetic(k, 20, skill, seed=7)
+    acc, _, _ = ref_accuracy(preds, targets, k)
+    spread = torch.tensor([100.0 - sign * a for a in acc])  # sign -1: spread grows with accuracy
+    stats = {"M": torch.ones(k), "S": spread, "S2": spread.clone(), "gamma": spread.sqrt(), "seen": torch.ones(k)}
+    run = make_run(tmp_path / "r", [f"c{c}" for c in range(k)], targets, preds, stats=stats)
+    rep = report.build_report(load_run(run))
+    assert (rep["correlations"]["spread_vs_accuracy"] < 0) == (sign == 1)
+    captions = {title: caption for title, caption, _ in report.report_plots(rep)}
+    spread_caption = captions["Accuracy against feature spread"]
+    if sign == 1:
+        assert spread_caption.startswith("As expected, harder classes have more spread-out features")
+    else:
+        assert spread_caption.startswith("Opposite to the expectation") and "As expected" not in spread_caption
+
+
+def damage(path, what):
+    if what == "classes-not-json":
+        (path / "classes.json").write_text("{ not json")
+    elif what == "classes-a-list":
+        (path / "classes.json").write_text("[1, 2, 3]")
+    elif what == "classes-no-names":
+        (path / "classes.json").write_text('{"dataset": "toy"}')
+    elif what == "names-not-strings":
+        (path / "classes.json").write_text('{"class_names": [1, 2, 3, 4, 5, 6, 7]}')
+    elif what == "stats-truncated":
+        data = (path / "class_stats.safetensors").read_bytes()
+        (path / "class_stats.safetensors").write_bytes(data[: len(data) // 2])
+    elif what == "stats-garbage":
+        (path / "class_stats.safetensors").write_bytes(b"\x00\x01garbage")
+    elif what == "predictions-missing-key":
+        from mr2ft.io import save_tensors
+
+        save_tensors(path / "predictions.safetensors", {"preds": torch.zeros(3, dtype=torch.long)})
+
+
+DAMAGES = [
+    "classes-not-json",
+    "classes-a-list",
+    "classes-no-names",
+    "names-not-strings",
+    "stats-truncated",
+    "stats-garbage",
+    "predictions-missing-key",
+]
+
+
+@pytest.mark.parametrize("what", DAMAGES)
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_damaged_run_files_are_one_error_line(tmp_path, pair7, what, command):
+    bad = Path(pair7["run"])
+    damage(bad, what)
+    args = ["report", str(bad)] if command == "report" else ["compare", str(pair7["base"]), str(bad)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert str(bad) in lines[0] or bad.name in lines[0]
+
+
+def test_two_classes_and_a_class_without_test_images_report_and_compare(tmp_path):
+    runner = CliRunner()
+    targets, preds = synthetic(2, 20, [0.9, 0.6], seed=1)
+    _, base_preds = synthetic(2, 20, [0.8, 0.5], seed=2)
+    two = make_run(tmp_path / "two", ["cat", "dog"], targets, preds, stats=stats_for(2))
+    two_base = make_run(tmp_path / "two_base", ["cat", "dog"], targets, base_preds)
+    t4, p4 = synthetic(4, 12, [0.9, 0.6, 0.5, 0.4], seed=3, empty=(2,))
+    _, b4 = synthetic(4, 12, [0.8, 0.5, 0.5, 0.6], seed=4, empty=(2,))
+    gap = make_run(tmp_path / "gap", ["a", "b", "none", "d"], t4, p4, stats=stats_for(4))
+    gap_base = make_run(tmp_path / "gap_base", ["a", "b", "none", "d"], t4, b4)
+    for run, base in ((two, two_base), (gap, gap_base)):
+        for rule in ("crossfit", "test"):
+            result = runner.invoke(app, ["report", str(run), "--baseline", str(base), "--groups", rule])
+            assert result.exit_code == 0, result.output
+            result = runner.invoke(app, ["compare", str(base), str(run), "--n-boot", "30", "--groups", rule])
+            assert result.exit_code == 0, result.output
+    rep = strict_json((two / "report.json").read_text())
+    assert rep["grouping"]["sizes"]["medium"] == 0 and rep["summary"]["groups"]["medium"]["accuracy"] is None
+    rep = strict_json((gap / "report.json").read_text())
+    assert rep["per_class"][2]["support"] == 0 and rep["per_class"][2]["group"] is None
+
+
+@pytest.mark.parametrize("n_boot", ["0", "-5", "100001", "1e9", "many"])
+def test_compare_n_boot_is_bounded(pair7, n_boot):
+    result = CliRunner().invoke(app, ["compare", str(pair7["base"]), str(pair7["run"]), "--n-boot", n_boot])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "n-boot" in lines[0], result.stderr
+
+
+def test_compare_runs_refuses_n_boot_out_of_range(pair7):
+    for n_boot in (0, report.MAX_N_BOOT + 1):
+        with pytest.raises(UserError, match="--n-boot"):
+            report.compare_runs([pair7["base"], pair7["run"]], n_boot=n_boot)
+
+
+def test_validation_predictions_saved_in_the_run_folder_are_read(tmp_path, pair7, monkeypatch):
+    """A run folder with validation predictions (the file named by runs.VAL_PREDICTIONS) groups by them."""
+    from mr2ft import runs
+    from mr2ft.io import save_tensors
+    from mr2ft.report.build import read_run
+
+    name = getattr(runs, "VAL_PREDICTIONS", "val_predictions.safetensors")
+    monkeypatch.setattr(runs, "VAL_PREDICTIONS", name, raising=False)
+    val_targets, val_preds = synthetic(pair7["k"], 10, [0.2, 0.9, 0.5, 0.5, 0.8, 0.3, 0.6], seed=5, empty=(3,))
+    tensors = {"targets": torch.tensor(val_targets), "preds": torch.tensor(val_preds)}
+    save_tensors(Path(pair7["base"]) / runs.VAL_PREDICTIONS, tensors)
+    base = read_run(pair7["base"])
+    assert torch.equal(base["val_targets"], tensors["targets"]) and torch.equal(base["val_preds"], tensors["preds"])
+    out = report.write_report(pair7["run"], pair7["base"], formats="json")
+    assert out["grouping"]["method"] == "val"
+    result = report.compare_runs([pair7["base"], pair7["run"]], n_boot=20)
+    assert result["grouping"]["method"] == "val"
+
+
+def test_baseline_on_other_test_images_has_no_intervals_and_says_its_groups_are_biased(tmp_path, pair7):
+    targets, preds = synthetic(7, 12, [0.9, 0.3, 0.6, 0.5, 0.15, 0.75, 0.45], seed=9, empty=(3,))
+    other = make_run(tmp_path / "other", NAMES7, targets, preds)
+    rep = report.build_report(load_run(pair7["run"]), load_run(other))
+    assert rep["baseline"]["same_test_set"] is False and rep["intervals"] is None
+    assert rep["grouping"]["method"] == "test" and "tested on other images" in rep["grouping"]["warning"]
+    assert "cannot be paired" in report.render_markdown(rep)
+    with pytest.raises(UserError, match="--groups crossfit needs runs tested on the same images"):
+        report.build_report(load_run(pair7["run"]), load_run(other), groups="crossfit")
