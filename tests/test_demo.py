@@ -33,9 +33,12 @@ def test_demo_runs_the_study_offline_on_real_data(tmp_path, monkeypatch):
     assert result.exit_code == 0, (result.output, result.exception)
     study = json.loads((out / "study.json").read_text())
     assert study["seeds"] == [0, 1, 2]
-    assert {"ce", "uniform", "mr2"} <= set(study["table"])
-    assert len(study["runs"]) == 9
-    assert "matched control" in study["verdict"]["text"]
+    # In a probe the temperature-tuned ERM is the matched control: two methods, groups from validation.
+    assert study["methods"] == ["ce", "mr2"] and set(study["table"]) == {"ce", "mr2"}
+    assert len(study["runs"]) == 6
+    assert "matched control" in study["verdict"]["text"] and study["verdict"]["rule"].startswith("helps = ")
+    assert study["grouping"]["rule_name"] == "validation" and not study["grouping"]["selection_bias"]
+    assert all(c["paired"] for c in study["comparisons"].values())
     assert (out / "study.html").stat().st_size > 10_000
     # the real weights were used, mapped onto timm's EfficientNet-Lite0, and every choice was made on validation
     config = (out / "ce-seed0" / "config.yaml").read_text()

@@ -1,6 +1,4 @@
-"""Per-class evaluation: confusion matrix, per-class accuracy, easy/medium/hard groups, disparity figures.
-
-Everything here is a pure function on tensors or arrays; probe, finetune, report and study all use it.
+"""One run's per-class figures: confusion matrix, per-class accuracy, easy/medium/hard groups, disparity figures.
 
 Conventions, fixed for every figure this module returns:
 
@@ -272,106 +270,6 @@ def _stack_seeds(correct: ArrayLike | Sequence[ArrayLike], n: int, what: str) ->
     if arr.ndim != 2 or arr.shape[1] != n or arr.shape[0] == 0:
         raise ValueError(f"{what} must be (N,) or a list of (N,) arrays with N = {n}, got shape {arr.shape}")
     return arr.astype(np.float64)
-
-
-def paired_bootstrap(
-    targets: ArrayLike,
-    correct_a: ArrayLike | Sequence[ArrayLike],
-    correct_b: ArrayLike | Sequence[ArrayLike],
-    groups: ArrayLike,
-    num_classes: int,
-    n_boot: int = 1000,
-    seed: int = 0,
-    ci: float = 0.95,
-) -> dict:
-    """Paired, class-stratified bootstrap of the change from run a to run b in every headline figure.
-
-    Each replicate resamples the test images with replacement *within each class* (every class keeps its
-    support, so per-class accuracy and the groups stay defined) and scores a and b on the *same* resample, so
-    the interval reflects the difference, not each run's own noise.
-
-    Several seeds: ``correct_a`` / ``correct_b`` may be lists of (N,) arrays, one per training seed (lengths may
-    differ). Each replicate then also draws one seed of a and, independently, one seed of b, uniformly; the
-    point estimate is the mean over seeds of each figure. This folds seed-to-seed variation into the interval.
-    Draws are independent because seeds of two methods are not matched pairs.
-
-    Args:
-        targets: (N,) true labels of the shared test set.
-        correct_a: (N,) bool, whether run a got each image right (or a list of those, one per seed).
-        correct_b: the same for run b.
-        groups: (K,) fixed grouping (:func:`assign_groups`; -1 = no group).
-        num_classes: K.
-        n_boot: number of bootstrap replicates.
-        seed: seed of the resampling generator.
-        ci: coverage of the percentile interval.
-
-    Returns:
-        dict with ``n_boot``, ``seed``, ``ci``, ``seeds_a``, ``seeds_b`` and ``figures``: for each name in
-        :data:`FIGURES` (and each group), ``{"a", "b", "delta", "low", "high"}`` in percentage points, where
-        ``delta = b - a`` and ``[low, high]`` is the percentile interval of the replicate deltas.
-    """
-    t = _as_numpy(targets, np.int64).reshape(-1)
-    n = t.shape[0]
-    _check_labels(t, num_classes, "targets")
-    g = _as_numpy(groups, np.int64).reshape(-1)
-    if g.shape[0] != num_classes:
-        raise ValueError(f"groups has {g.shape[0]} entries for {num_classes} classes")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must lie in (0, 1), got {ci}")
-    a = _stack_seeds(correct_a, n, "correct_a")
-    b = _stack_seeds(correct_b, n, "correct_b")
-    n_groups = _n_groups(g)
-    support = np.bincount(t, minlength=num_classes)
-
-    def figures_of(correct: np.ndarray) -> dict[str, np.ndarray]:
-        per_class = np.stack([np.bincount(t, weights=c, minlength=num_classes) for c in correct])
-        return _figures(per_class, support, g, n_groups)
-
-    point_a, point_b = figures_of(a), figures_of(b)
-
-    # Sort images by class once; replicate r takes, at each sorted position, a uniform draw from that
-    # position's own class, which is the stratified resample for all classes in one vectorised step.
-    order = np.argsort(t, kind="stable")
-    cls_sorted = t[order]
-    starts = np.cumsum(support) - support
-    lo_pos, cnt_pos = starts[cls_sorted], support[cls_sorted]
-    rng = np.random.default_rng(seed)
-    names = [k for k in point_a if k != "worst_index"]
-    deltas = {k: np.empty(n_boot) for k in names}
-    chunk = max(1, min(n_boot, 4_000_000 // max(n, 1)))
-    for s in range(0, n_boot, chunk):
-        r = min(chunk, n_boot - s)
-        pick = order[lo_pos + np.floor(rng.random((r, n)) * cnt_pos).astype(np.int64)]
-        sa = rng.integers(0, a.shape[0], size=r)
-        sb = rng.integers(0, b.shape[0], size=r)
-        # One bincount for all r replicates: replicate j's classes are offset by j * K.
-        bins = (np.arange(r)[:, None] * num_classes + cls_sorted[None, :]).reshape(-1)
-        size = r * num_classes
-        ca = np.bincount(bins, weights=a[sa[:, None], pick].reshape(-1), minlength=size).reshape(r, num_classes)
-        cb = np.bincount(bins, weights=b[sb[:, None], pick].reshape(-1), minlength=size).reshape(r, num_classes)
-        fa, fb = _figures(ca, support, g, n_groups), _figures(cb, support, g, n_groups)
-        for k in names:
-            deltas[k][s : s + r] = fb[k] - fa[k]
-
-    q = (100 * (1 - ci) / 2, 100 * (1 + ci) / 2)
-    figures = {}
-    for k in names:
-        va, vb = float(np.mean(point_a[k])), float(np.mean(point_b[k]))
-        if np.isnan(deltas[k]).any():
-            low = high = float("nan")
-        else:
-            low, high = (float(v) for v in np.percentile(deltas[k], q))
-        figures[k] = {"a": va, "b": vb, "delta": vb - va, "low": low, "high": high}
-    return {
-        "n_boot": int(n_boot),
-        "seed": int(seed),
-        "ci": float(ci),
-        "seeds_a": int(a.shape[0]),
-        "seeds_b": int(b.shape[0]),
-        "figures": figures,
-    }
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
