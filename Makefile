@@ -4,7 +4,7 @@
 setup:
 	bash scripts/setup.sh
 
-# Every CPU test, the multi-process, kill -9 and real-data ones included (about 4 minutes on two cores).
+# Every CPU test, the multi-process, kill -9 and real-data ones included (about 9 minutes on two cores).
 test: setup
 	.venv/bin/python -m pytest -q -m "not gpu"
 

@@ -1,27 +1,28 @@
-"""The ``mr2ft`` command line: parses options, resolves the config, calls the library. No training logic here."""
+"""The ``mr2ft`` command line: parses options, resolves the config, calls the library. No training logic here.
+
+Every mistake ends in one ``error:`` line and exit code 2, and cheap checks (numbers, paths, the run folder's lock)
+run before torch or any job module is imported: the means for both live in :mod:`mr2ft.cli_kit`.
+"""
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
 
 import typer
 
 from mr2ft import __version__
-from mr2ft.errors import UserError
+from mr2ft.cli_kit import DEBUG, OneLineErrors, check_paths, documented, settings, user_errors
+from mr2ft.config import RANGES, SEED_MAX, FinetuneConfig, ProbeConfig, StudyConfig, build_config
 
 app = typer.Typer(
     name="mr2ft",
     help="Fine-tune pretrained vision backbones with MR2 and see, class by class, what happened to the hard classes.",
+    cls=OneLineErrors,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
-
-DEBUG = {"on": bool(os.environ.get("MR2FT_DEBUG"))}
 
 
 def _version(value: bool) -> None:
@@ -40,36 +41,7 @@ def main(
     DEBUG["on"] = bool(os.environ.get("MR2FT_DEBUG")) or debug
 
 
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a :class:`UserError` into one line on stderr and exit code 2 (a traceback only with --debug)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            if DEBUG["on"]:
-                raise
-            typer.echo(f"error: {e.message}", err=True)
-            raise typer.Exit(code=2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(code=130) from None
-
-    return wrapper
-
-
 # ---- commands -------------------------------------------------------------------------------------------------
-
-
-def _grid(text: str | None) -> tuple[float, ...] | None:
-    """Parse a comma-separated grid of numbers."""
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"a grid must be comma-separated numbers, got {text!r}") from None
 
 
 # Options that mean the same in every command that takes them (one definition, one help text).
@@ -98,6 +70,9 @@ SHOTS_OPT = typer.Option(None, "--shots", help="Exactly K training images per cl
 SKIP_BAD_IMAGES_OPT = typer.Option(
     None, "--skip-bad-images/--no-skip-bad-images", help="Skip (and count) corrupt images instead of stopping."
 )
+FOLLOW_LINKS_OPT = typer.Option(
+    None, "--follow-links/--no-follow-links", help="Also follow folder links that leave the dataset root."
+)
 SWEEP_CRITERION_OPT = typer.Option(None, "--sweep-criterion", help="overall or hard (group accuracy).")
 TEST_MAX_PER_CLASS_OPT = typer.Option(
     None, "--test-max-per-class", help="At most N test images per class (a quicker, balanced test)."
@@ -110,7 +85,9 @@ WEIGHTS_OPT = typer.Option(
 
 @app.command("probe")
 @user_errors
+@documented(ProbeConfig)
 def probe_command(
+    ctx: typer.Context,
     backbone: str | None = BACKBONE_OPT,
     model: str | None = MODEL_OPT,
     weights: str | None = WEIGHTS_OPT,
@@ -122,6 +99,7 @@ def probe_command(
     max_per_class: int | None = MAX_PER_CLASS_OPT,
     test_max_per_class: int | None = TEST_MAX_PER_CLASS_OPT,
     skip_bad_images: bool | None = SKIP_BAD_IMAGES_OPT,
+    follow_links: bool | None = FOLLOW_LINKS_OPT,
     normalize: bool | None = NORMALIZE_OPT,
     pool: str | None = POOL_OPT,
     image_size: int | None = IMAGE_SIZE_OPT,
@@ -129,17 +107,34 @@ def probe_command(
     c_bar: float | None = C_BAR_OPT,
     p: float | None = P_OPT,
     margin_mode: str | None = MARGIN_MODE_OPT,
-    head: str | None = typer.Option(None, "--head", help="linear, bn_linear (MAE protocol) or zeroshot (CLIP)."),
+    head: str | None = typer.Option(None, "--head", help="linear, bn_linear (MAE), zeroshot (CLIP), cosine (LDAM)."),
     optimizer: str | None = OPTIMIZER_OPT,
     lr: float | None = LR_OPT,
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Epochs over the cached features."),
+    epochs: int | None = typer.Option(
+        None, "--epochs", help="Epochs over the cached features (default: train until the loss stops improving)."
+    ),
+    schedule: str | None = typer.Option(
+        None, "--schedule", help="plateau (lr x0.1 per plateau, stop when converged), cosine or step (needs --epochs)."
+    ),
+    lr_steps: str | None = typer.Option(None, "--lr-steps", help="--schedule step: epochs where lr x0.1, e.g. 60,80."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Cap on optimizer steps without --epochs."),
+    converge_tol: float | None = typer.Option(
+        None, "--converge-tol", help="Converged when the training objective improves by less than this (relative)."
+    ),
+    standardize: bool | None = typer.Option(
+        None, "--standardize/--no-standardize", help="Fit linear heads on standardised features (folded back)."
+    ),
+    blr: float | None = typer.Option(None, "--blr", help="Base lr: lr = blr x batch / 256 (MAE's rule)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size of the head's training."),
     warmup_epochs: float | None = WARMUP_EPOCHS_OPT,
     seed: int | None = SEED_OPT,
     num_workers: int | None = NUM_WORKERS_OPT,
     extract_batch_size: int | None = EXTRACT_BATCH_SIZE_OPT,
     cache_dir: str | None = CACHE_DIR_OPT,
+    streaming: bool | None = typer.Option(
+        None, "--streaming/--no-streaming", help="Stream an hf: dataset (read in order, not downloaded up front)."
+    ),
     sweep_wd: bool | None = typer.Option(None, "--sweep-wd/--no-sweep-wd", help="Choose weight decay on validation."),
     wd_grid: str | None = typer.Option(None, "--wd-grid", help="Comma-separated weight decays for --sweep-wd."),
     sweep_cbar: bool | None = typer.Option(None, "--sweep-cbar/--no-sweep-cbar", help="Choose c_bar on validation."),
@@ -155,36 +150,64 @@ def probe_command(
     recipe: str | None = typer.Option(None, "--recipe", help="Recipe name or YAML path; flags override it."),
 ) -> None:
     """Linear probe on cached features of a frozen backbone, with MR2 or any baseline loss."""
+    values = settings(ctx, "wd_grid", "cbar_grid", "lr_steps")
+    cfg = build_config(ProbeConfig, values.pop("recipe"), **values)
+    check_paths(cfg.dataset, cfg.out, cfg.overwrite, cfg.cache_dir)
     from mr2ft import probe
-    from mr2ft.config import ProbeConfig, build_config
 
-    values = dict(locals())
-    values.pop("recipe")
-    values.pop("probe", None)
-    values.pop("ProbeConfig", None)
-    values.pop("build_config", None)
-    values["wd_grid"] = _grid(wd_grid)
-    values["cbar_grid"] = _grid(cbar_grid)
-    cfg = build_config(ProbeConfig, recipe, **values)
     probe.run(cfg)
+
+
+# Options of finetune alone, defined here so that its signature keeps one line per option.
+FT_VAL_FRACTION_OPT = typer.Option(
+    None,
+    "--val-fraction",
+    help="Share of train held out for validation: the final test figures come from the best epoch on it "
+    "(default: none; then the last epoch's weights are reported and nothing is chosen).",
+)
+FT_TEMPERATURE_FACTOR_OPT = typer.Option(
+    None, "--temperature-factor", help="MR2's representation-margin temperature factor."
+)
+FT_BLR_OPT = typer.Option(
+    None, "--blr", help="Base lr, MAE's rule: lr = blr x batch per process x processes x grad accum / 256."
+)
+FT_MIXED_PRECISION_OPT = typer.Option(
+    None, "--mixed-precision", help="no, bf16 or fp16 (CUDA); default: accelerate's config."
+)
+FT_SAMPLES_PER_CLASS_OPT = typer.Option(
+    None, "--samples-per-class", help="Class-balanced batches with M samples of each drawn class."
+)
+FT_WISE_ALPHA_OPT = typer.Option(
+    None, "--wise-alpha", help="WiSE-FT: evaluate (1-A) zero-shot + A fine-tuned weights (needs --head zeroshot)."
+)
+FT_EARLY_STOP_OPT = typer.Option(
+    None, "--early-stop", help="Stop after N epochs without a validation improvement (needs a validation split)."
+)
+FT_RESUME_OPT = typer.Option(
+    None, "--resume", help="Continue a run: its folder (latest checkpoint) or one checkpoints/ckpt-* folder."
+)
+FT_RECIPE_OPT = typer.Option(
+    None, "--recipe", help="Recipe name or YAML path; flags override it (with --resume: the run's config.yaml)."
+)
 
 
 @app.command("finetune")
 @user_errors
+@documented(FinetuneConfig)
 def finetune_command(
+    ctx: typer.Context,
     backbone: str | None = BACKBONE_OPT,
     model: str | None = MODEL_OPT,
     weights: str | None = WEIGHTS_OPT,
     dataset: str | None = DATASET_OPT,
     image_column: str | None = IMAGE_COLUMN_OPT,
     label_column: str | None = LABEL_COLUMN_OPT,
-    val_fraction: float | None = typer.Option(
-        None, "--val-fraction", help="Share of train held out to pick the best epoch (default: none, use test)."
-    ),
+    val_fraction: float | None = FT_VAL_FRACTION_OPT,
     shots: int | None = SHOTS_OPT,
     max_per_class: int | None = MAX_PER_CLASS_OPT,
     test_max_per_class: int | None = TEST_MAX_PER_CLASS_OPT,
     skip_bad_images: bool | None = SKIP_BAD_IMAGES_OPT,
+    follow_links: bool | None = FOLLOW_LINKS_OPT,
     normalize: bool | None = NORMALIZE_OPT,
     pool: str | None = POOL_OPT,
     loss: str | None = typer.Option(None, "--loss", help="ce, mr2, uniform, focal, ldam, la or dro."),
@@ -193,12 +216,11 @@ def finetune_command(
     p: float | None = P_OPT,
     momentum: float | None = typer.Option(None, "--momentum", help="EMA momentum of MR2's class statistics."),
     margin_mode: str | None = MARGIN_MODE_OPT,
-    temperature_factor: float | None = typer.Option(
-        None, "--temperature-factor", help="MR2's representation-margin temperature factor."
-    ),
+    temperature_factor: float | None = FT_TEMPERATURE_FACTOR_OPT,
     head: str | None = typer.Option(None, "--head", help="linear, or zeroshot (CLIP: head from text prompts)."),
     optimizer: str | None = OPTIMIZER_OPT,
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (not scaled by batch size)."),
+    blr: float | None = FT_BLR_OPT,
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay (never on norms, biases)."),
     layer_decay: float | None = typer.Option(None, "--layer-decay", help="Layer-wise lr decay for ViTs (e.g. 0.65)."),
     drop_path: float | None = typer.Option(None, "--drop-path", help="Stochastic depth rate."),
@@ -209,45 +231,47 @@ def finetune_command(
     grad_clip: float | None = typer.Option(None, "--grad-clip", help="Clip the gradient norm to this value."),
     warmup_epochs: float | None = WARMUP_EPOCHS_OPT,
     warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="Warm-up in steps (overrides epochs)."),
-    mixed_precision: str | None = typer.Option(
-        None, "--mixed-precision", help="no, bf16 or fp16 (CUDA); default: accelerate's config."
-    ),
+    mixed_precision: str | None = FT_MIXED_PRECISION_OPT,
     randaugment: str | None = typer.Option(None, "--randaugment", help="timm RandAugment, e.g. rand-m9-mstd0.5."),
     mixup: float | None = typer.Option(None, "--mixup", help="Mixup alpha (ce only)."),
     cutmix: float | None = typer.Option(None, "--cutmix", help="CutMix alpha (ce only)."),
     label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="Label smoothing (ce only)."),
-    samples_per_class: int | None = typer.Option(
-        None, "--samples-per-class", help="Class-balanced batches with M samples of each drawn class."
-    ),
-    wise_alpha: float | None = typer.Option(
-        None, "--wise-alpha", help="WiSE-FT: evaluate (1-A) zero-shot + A fine-tuned weights (needs --head zeroshot)."
-    ),
+    samples_per_class: int | None = FT_SAMPLES_PER_CLASS_OPT,
+    wise_alpha: float | None = FT_WISE_ALPHA_OPT,
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate (and checkpoint) every N epochs."),
+    early_stop: int | None = FT_EARLY_STOP_OPT,
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimizer steps (same schedule)."),
-    resume: str | None = typer.Option(
-        None, "--resume", help="Continue a run: its folder (latest checkpoint) or one checkpoints/ckpt-* folder."
-    ),
+    resume: str | None = FT_RESUME_OPT,
     seed: int | None = SEED_OPT,
     num_workers: int | None = typer.Option(None, "--num-workers", help="Image decoding workers per process."),
     baseline: str | None = BASELINE_OPT,
     out: str | None = OUT_OPT,
     overwrite: bool | None = OVERWRITE_OPT,
-    recipe: str | None = typer.Option(
-        None, "--recipe", help="Recipe name or YAML path; flags override it (with --resume: the run's config.yaml)."
-    ),
+    recipe: str | None = FT_RECIPE_OPT,
 ) -> None:
     """Fine-tune a backbone end to end (one process, or many under `accelerate launch -m mr2ft finetune`)."""
-    values = dict(locals())
-    from mr2ft import finetune
-    from mr2ft.config import FinetuneConfig, build_config
-
+    values = settings(ctx)
     recipe = values.pop("recipe")
     if resume and recipe is None:
+        from mr2ft.checkpoints import resume_settings
+
         # Resuming repeats the run's own settings; flags typed now override them (and are checked for conflicts).
-        values = {**finetune.resume_settings(resume), **{k: v for k, v in values.items() if v is not None}}
+        values = {**resume_settings(resume), **{k: v for k, v in values.items() if v is not None}}
     cfg = build_config(FinetuneConfig, recipe, **values)
+    check_paths(cfg.dataset, None if cfg.resume else cfg.out, cfg.overwrite, resumable=True)
+    from mr2ft import finetune
+
     finetune.run(cfg)
+
+
+GROUPS_OPT = typer.Option(
+    None,
+    "--groups",
+    help="How the reference fixes easy/medium/hard: val (its validation accuracy), crossfit (chosen on one half of "
+    "each class's test images, scored on the other) or test (paper's protocol, selection-biased). "
+    "Default: val when the run saved validation predictions, else crossfit.",
+)
 
 
 @app.command("report")
@@ -258,11 +282,12 @@ def report_command(
         None, "--baseline", help="A baseline run on the same data: fixes the easy/medium/hard groups and the deltas."
     ),
     formats: str = typer.Option("json,csv,md,html", "--format", help="Comma-separated: json,csv,md,html."),
+    groups: str | None = GROUPS_OPT,
 ) -> None:
     """Write the per-class report (report.json, per_class.csv, report.md, report.html) into RUN."""
     from mr2ft.report import headline, write_report
 
-    result = write_report(run, baseline, formats)
+    result = write_report(run, baseline, formats, groups=groups)
     typer.echo(headline(result))
     typer.echo(result["grouping"]["rule"])
     for path in result["files"]:
@@ -277,15 +302,18 @@ def compare_command(
         None, "--baseline", help="Reference run that fixes the groups and the deltas (default: the first run)."
     ),
     out: str | None = typer.Option(None, "--out", help="Also write compare.md and compare.csv into this folder."),
-    n_boot: int = typer.Option(1000, "--n-boot", min=1, help="Paired bootstrap resamples for the intervals."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
+    n_boot: int = typer.Option(
+        1000, "--n-boot", min=1, max=RANGES["n_boot"].high, help="Paired bootstrap resamples for the intervals."
+    ),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed of the bootstrap resampling."),
+    groups: str | None = GROUPS_OPT,
 ) -> None:
     """Put many runs into the paper's table (overall, easy, medium, hard, worst class, std) with bootstrap intervals."""
     from rich.console import Console
 
     from mr2ft.report import compare_runs, compare_table, write_compare
 
-    result = compare_runs(runs, baseline, n_boot=n_boot, seed=seed)
+    result = compare_runs(runs, baseline, n_boot=n_boot, seed=seed, groups=groups)
     Console().print(compare_table(result))
     if out is not None:
         for path in write_compare(result, out):
@@ -294,7 +322,9 @@ def compare_command(
 
 @app.command("study")
 @user_errors
+@documented(StudyConfig)
 def study_command(
+    ctx: typer.Context,
     backbone: str | None = BACKBONE_OPT,
     model: str | None = MODEL_OPT,
     weights: str | None = WEIGHTS_OPT,
@@ -304,6 +334,13 @@ def study_command(
     mode: str | None = typer.Option(None, "--mode", help="probe (heads on cached features) or finetune (end to end)."),
     seeds: int | None = typer.Option(None, "--seeds", help="Training seeds per method (default 3)."),
     n_boot: int | None = typer.Option(None, "--n-boot", help="Paired bootstrap resamples for the intervals."),
+    groups: str | None = typer.Option(
+        None,
+        "--groups",
+        help="Where the easy/medium/hard groups come from: validation (ERM's validation accuracy, default), "
+        "crossfit (one half of each class's test images ranks, the other half scores, and back) or test (the "
+        "paper's protocol, subject to selection bias).",
+    ),
     val_fraction: float | None = typer.Option(
         None, "--val-fraction", help="Share of train held out for the choices (probe: default 0.2)."
     ),
@@ -311,6 +348,7 @@ def study_command(
     max_per_class: int | None = MAX_PER_CLASS_OPT,
     test_max_per_class: int | None = TEST_MAX_PER_CLASS_OPT,
     skip_bad_images: bool | None = SKIP_BAD_IMAGES_OPT,
+    follow_links: bool | None = FOLLOW_LINKS_OPT,
     normalize: bool | None = NORMALIZE_OPT,
     pool: str | None = POOL_OPT,
     image_size: int | None = IMAGE_SIZE_OPT,
@@ -339,12 +377,11 @@ def study_command(
     ),
 ) -> None:
     """ERM vs a matched uniform-margin control vs MR2 over seeds: the table, bootstrap intervals and a verdict."""
-    values = dict(locals())
+    values = settings(ctx, "wd_grid", "cbar_grid")
+    recipe = values.pop("recipe")
+    check_paths(dataset, out, overwrite, cache_dir)
     from mr2ft.study import run_study, study_configs
 
-    recipe = values.pop("recipe")
-    values["wd_grid"] = _grid(wd_grid)
-    values["cbar_grid"] = _grid(cbar_grid)
     cfg, finetune_cfg = study_configs(recipe, **values)
     run_study(cfg, finetune_cfg=finetune_cfg)
 
@@ -376,6 +413,131 @@ def demo_command(
     )
 
 
+# ---- after training: eval, predict, export, zeroshot (mr2ft.evaluate / predict / export / zeroshot) ----------
+
+# Options that mean the same in eval, predict, export and zeroshot (one definition, one help text).
+FEATURE_BATCH_OPT = typer.Option(64, "--batch-size", min=1, help="Images per batch of the feature pass.")
+WORKERS_OPT = typer.Option(2, "--num-workers", min=0, help="Image decoding workers.")
+OVERWRITE_OUT_OPT = typer.Option(False, "--overwrite", help="Replace an existing --out folder.")
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    run: str = typer.Argument(..., help="A finished probe, finetune or zeroshot run folder."),
+    dataset: str = typer.Option(..., "--dataset", help="Folder, CSV, hf:NAME, or imagenet-r|-a|-v2|-sketch[:PATH]."),
+    split: str = typer.Option("test", "--split", help="test, val or train (a one-split folder is scored whole)."),
+    class_names: str | None = typer.Option(
+        None, "--class-names", help="Rename the dataset's classes: one name per line or JSON (list or object)."
+    ),
+    baseline: str | None = typer.Option(None, "--baseline", help="Run that fixes the groups (default: RUN itself)."),
+    image_column: str | None = IMAGE_COLUMN_OPT,
+    label_column: str | None = LABEL_COLUMN_OPT,
+    cache_dir: str | None = CACHE_DIR_OPT,
+    batch_size: int = FEATURE_BATCH_OPT,
+    num_workers: int = WORKERS_OPT,
+    out: str | None = typer.Option(None, "--out", help="New run folder (default runs/<run>-eval-<dataset>-<time>)."),
+    overwrite: bool = OVERWRITE_OUT_OPT,
+) -> None:
+    """Score a finished run on another dataset (same class names, or a subset); writes a run folder and report."""
+    from mr2ft.evaluate import run_eval
+    from mr2ft.report import headline
+
+    out_dir, report = run_eval(
+        run,
+        dataset,
+        split=split,
+        out=out,
+        class_names=class_names,
+        baseline=baseline,
+        image_column=image_column,
+        label_column=label_column,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        overwrite=overwrite,
+    )
+    if report is not None:  # None on the other processes of an accelerate launch
+        typer.echo(headline(report))
+        typer.echo(f"wrote {out_dir}")
+
+
+@app.command("predict")
+@user_errors
+def predict_command(
+    run: str = typer.Argument(..., help="A finished probe, finetune or zeroshot run folder."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (recursive) or CSV files of image paths."),
+    top_k: int = typer.Option(5, "--top-k", help="Classes (with probabilities) per image."),
+    out: str = typer.Option("predictions.csv", "--out", help="The CSV to write."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
+    num_workers: int = WORKERS_OPT,
+) -> None:
+    """Label images with a finished run: one CSV row per image, top-k classes and probabilities, errors per row."""
+    from mr2ft.predict import run_predict
+
+    path, pred = run_predict(run, inputs, top_k=top_k, out=out, batch_size=batch_size, num_workers=num_workers)
+    failed = sum(1 for e in pred.errors if e)
+    note = f", {failed} unreadable (see the error column)" if failed else ""
+    typer.echo(f"wrote {path}: {len(pred.paths)} images{note}")
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    run: str = typer.Argument(..., help="A finished probe, finetune or zeroshot run folder."),
+    format: str = typer.Option(..., "--format", help="timm, hf (ViT/ViTMAE) or open_clip (CLIP)."),
+    out: str = typer.Option(..., "--out", help="Folder to write (loads without mr2ft)."),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", help="Also upload to this Hugging Face model repo."),
+    overwrite: bool = OVERWRITE_OUT_OPT,
+) -> None:
+    """Export a run's model for timm, transformers or open_clip (classifier, labels and preprocessing included)."""
+    from mr2ft.export import run_export
+
+    typer.echo(f"wrote {run_export(run, format, out, push_to_hub=push_to_hub, overwrite=overwrite)}")
+    if push_to_hub:
+        typer.echo(f"pushed to https://huggingface.co/{push_to_hub}")
+
+
+@app.command("zeroshot")
+@user_errors
+def zeroshot_command(
+    backbone: str = typer.Option("clip", "--backbone", help="A family with a text tower: clip."),
+    model: str | None = MODEL_OPT,
+    weights: str | None = WEIGHTS_OPT,
+    dataset: str | None = DATASET_OPT,
+    image_column: str | None = IMAGE_COLUMN_OPT,
+    label_column: str | None = LABEL_COLUMN_OPT,
+    val_fraction: float = typer.Option(0.0, "--val-fraction", help="As the probe's: the same test split."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split, as the probe's."),
+    test_max_per_class: int | None = TEST_MAX_PER_CLASS_OPT,
+    normalize: bool | None = NORMALIZE_OPT,
+    image_size: int | None = IMAGE_SIZE_OPT,
+    templates: str | None = typer.Option(None, "--templates", help="Prompt templates with {}: one per line or JSON."),
+    class_names: str | None = typer.Option(
+        None, "--class-names", help="Names for the prompts: one per line, or JSON (list, or object folder: name)."
+    ),
+    baseline: str | None = BASELINE_OPT,
+    cache_dir: str | None = CACHE_DIR_OPT,
+    batch_size: int = FEATURE_BATCH_OPT,
+    num_workers: int = WORKERS_OPT,
+    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/clip-<dataset>-zeroshot-<time>)."),
+    overwrite: bool = OVERWRITE_OUT_OPT,
+) -> None:
+    """CLIP zero-shot on a dataset's test split, written as a normal run folder (usable as --baseline)."""
+    from mr2ft.report import headline
+    from mr2ft.zeroshot import ZeroShotSettings, run_zeroshot
+
+    cfg = ZeroShotSettings(
+        dataset=dataset, backbone=backbone, model=model, weights=weights, normalize=normalize, image_size=image_size,
+        image_column=image_column, label_column=label_column, val_fraction=val_fraction, seed=seed,
+        test_max_per_class=test_max_per_class, templates=templates, class_names=class_names, baseline=baseline,
+        cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, out=out, overwrite=overwrite,
+    )  # fmt: skip
+    out_dir, report = run_zeroshot(cfg)
+    typer.echo(headline(report))
+    typer.echo(f"wrote {out_dir}")
+
+
 recipes_app = typer.Typer(help="List and show the recipes that ship with mr2ft.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 
@@ -395,9 +557,9 @@ def recipes_list() -> None:
 @user_errors
 def recipes_show(name: str = typer.Argument(..., help="Recipe name or YAML path.")) -> None:
     """Print a recipe's YAML."""
-    from mr2ft.config import recipe_path
+    from mr2ft.config import recipe_text
 
-    typer.echo(recipe_path(name).read_text(encoding="utf-8"), nl=False)
+    typer.echo(recipe_text(name)[1], nl=False)
 
 
 def run() -> None:  # pragma: no cover - console entry used by ``python -m mr2ft``

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs: Debian packages (real demo data, a browser for the HTML-report test), a
 # virtual environment in .venv and mr2ft with its dev extra. Safe to run again: it skips what is already there.
+# MR2FT_SKIP_BROWSER=1 skips chromium (then the test that opens report.html in a real browser is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

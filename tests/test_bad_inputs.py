@@ -27,6 +27,7 @@ from _images import corrupt_file, make_image_folder, truncate_file
 from _models import write_tiny_checkpoint
 from typer.testing import CliRunner
 
+from mr2ft import runs
 from mr2ft.cli import app
 from mr2ft.errors import UserError
 from mr2ft.io import load_tensors, read_json
@@ -44,13 +45,7 @@ def has_command(name: str) -> bool:
     return name in typer.main.get_command(app).commands
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning is slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---- the inputs, each made on first use ----------------------------------------------------------------------------
@@ -143,6 +138,35 @@ class World:
         assert result.exit_code == 0, result.output
         return out
 
+    def recipe(self, name: str, text: str) -> Path:
+        path = self.root / "recipes" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    @functools.cached_property
+    def binary(self) -> Path:
+        """A binary file (a PNG) named like a recipe."""
+        path = self.root / "files" / "binary.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+        return path
+
+    @functools.cached_property
+    def a_file(self) -> Path:
+        path = self.root / "files" / "a-file.txt"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("not a folder", encoding="utf-8")
+        return path
+
+    @functools.cached_property
+    def read_only(self) -> Path:
+        """A folder nobody may write (for root, whom permissions do not stop, see ``read_only_mount``)."""
+        folder = self.root / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+
     @functools.cached_property
     def no_checkpoint(self) -> Path:
         folder = self.root / "runs" / "not-started"
@@ -185,6 +209,7 @@ class Case:
     existing_out: bool = False  # --out already holds someone's files
     guarded: Callable[[World], list[Path]] = lambda w: []  # folders that must come out untouched
     offline_hub: bool = False  # HF_HUB_OFFLINE=1 and an empty hub cache
+    read_only_mount: bool = False  # World.read_only is on a read-only file system (as root would see one)
 
 
 CASES = [
@@ -429,6 +454,204 @@ CASES = [
 ]
 
 
+def study_args(w: World, out: Path, *extra: str) -> list[str]:
+    return ["study", *TIMM, *PROBE_FAST, "--cache-dir", str(w.cache), "--dataset", str(w.images), "--out", str(out)]
+
+
+LONG_NAME = "x" * 300  # longer than any common file system's 255 bytes
+
+# Numbers: every option is checked once, in mr2ft.config, before anything is loaded (issue 19).
+CASES += [
+    Case(
+        "infinite-lr",
+        lambda w, out: probe_args(w, out, "--lr", "inf"),
+        ("--lr must be positive", "got inf"),
+        "a finite number above 0",
+    ),
+    Case(
+        "infinite-lr-finetune",
+        lambda w, out: finetune_args(out, w.images, "--lr", "inf"),
+        ("--lr must be positive", "got inf"),
+        "a finite number above 0",
+        command="finetune",
+    ),
+    Case(
+        "infinite-c-bar",
+        lambda w, out: probe_args(w, out, "--loss", "mr2", "--c-bar", "inf"),
+        ("--c-bar must be positive", "got inf"),
+        "a finite number above 0",
+    ),
+    Case(
+        "nan-p",
+        lambda w, out: probe_args(w, out, "--loss", "mr2", "--p", "nan"),
+        ("--p must be at least 1", "got nan"),
+        "give a finite number at least 1",
+    ),
+    Case(
+        "negative-warm-up",
+        lambda w, out: probe_args(w, out, "--warmup-epochs", "-1"),
+        ("--warmup-epochs must be non-negative", "-1.0"),
+        "give a finite number at least 0",
+    ),
+    Case(
+        "negative-warm-up-steps",
+        lambda w, out: finetune_args(out, w.images, "--warmup-steps", "-5"),
+        ("--warmup-steps must be non-negative", "-5"),
+        "give a whole number at least 0",
+        command="finetune",
+    ),
+    Case(
+        "seed-above-2-to-the-32",
+        lambda w, out: probe_args(w, out, "--seed", str(2**32)),
+        ("--seed must be between 0 and 4294967295", "4294967296"),
+        "give a whole number",
+    ),
+    Case(
+        "seed-negative",
+        lambda w, out: probe_args(w, out, "--seed", "-1"),
+        ("--seed must be between 0 and 4294967295", "got -1"),
+        "give a whole number",
+    ),
+    Case(
+        "val-fraction-of-one",
+        lambda w, out: probe_args(w, out, "--val-fraction", "1"),
+        ("--val-fraction must be between 0 and 1", "1.0"),
+        "below 1",
+    ),
+    Case(
+        "grid-with-a-negative-weight-decay",
+        lambda w, out: probe_args(w, out, "--sweep-wd", "--wd-grid", "0,-1e-4"),
+        ("--wd-grid must hold numbers, each non-negative", "-0.0001"),
+        "give a finite number at least 0",
+    ),
+    Case(
+        "grid-with-nan",
+        lambda w, out: probe_args(w, out, "--loss", "mr2", "--sweep-cbar", "--cbar-grid", "1,nan"),
+        ("--cbar-grid must hold numbers, each positive", "nan"),
+        "a finite number above 0",
+    ),
+    Case(
+        "grid-that-is-not-numbers",
+        lambda w, out: probe_args(w, out, "--sweep-wd", "--wd-grid", "1e-4,lots"),
+        ("--wd-grid must be comma-separated numbers", "lots"),
+        "such as 0.5,1,2",
+    ),
+    Case(
+        "study-grid-with-inf",
+        lambda w, out: [*study_args(w, out), "--wd-grid", "0,inf"],
+        ("--wd-grid must hold numbers, each non-negative", "inf"),
+        "give a finite number",
+        command="study",
+    ),
+    Case(
+        "study-n-boot-out-of-range",
+        lambda w, out: [*study_args(w, out), "--n-boot", "1000000"],
+        ("--n-boot must be between 1 and 100000", "1000000"),
+        "give a whole number",
+        command="study",
+    ),
+    Case(
+        "recipe-value-of-the-wrong-type",
+        lambda w, out: probe_args(w, out, "--recipe", str(w.recipe("text-lr.yaml", "lr: fast\n"))),
+        ("--lr must be a number", "'fast'", "in recipe", "text-lr.yaml"),
+        "give a finite number above 0",
+    ),
+    Case(
+        "recipe-fractional-count",
+        lambda w, out: probe_args(w, out, "--recipe", str(w.recipe("half-image.yaml", "max_per_class: 2.5\n"))),
+        ("--max-per-class must be a whole number", "2.5", "in recipe"),
+        "give a whole number above 0",
+    ),
+    Case(
+        "recipe-list-for-a-number",
+        lambda w, out: finetune_args(
+            out, w.images, "--recipe", str(w.recipe("list-wd.yaml", "weight_decay: [0.1, 0.2]\n"))
+        ),
+        ("--weight-decay must be a number", "(0.1, 0.2)", "in recipe"),
+        "give a finite number at least 0",
+        command="finetune",
+    ),
+    Case(
+        "recipe-text-for-a-name",
+        lambda w, out: probe_args(w, out, "--recipe", str(w.recipe("numeric-loss.yaml", "loss: 3\n"))),
+        ("--loss must be text", "got 3", "in recipe"),
+        "numeric-loss.yaml",
+    ),
+    # files and folders
+    Case(
+        "recipe-that-is-a-binary-file",
+        lambda w, out: probe_args(w, out, "--recipe", str(w.binary)),
+        ("binary.yaml is not a text file",),
+        "give a YAML recipe",
+    ),
+    Case(
+        "recipes-show-a-binary-file",
+        lambda w, out: ["recipes", "show", str(w.binary)],
+        ("binary.yaml is not a text file",),
+        "give a YAML recipe",
+        command="recipes",
+    ),
+    Case(
+        "out-is-a-file",
+        lambda w, out: probe_args(w, w.a_file),
+        ("a-file.txt exists and is not a folder",),
+        "choose another --out",
+        guarded=lambda w: [w.a_file.parent],
+    ),
+    Case(
+        "out-inside-a-file",
+        lambda w, out: probe_args(w, w.a_file / "run"),
+        ("lies inside", "a-file.txt, which is a file"),
+        "choose another --out",
+        guarded=lambda w: [w.a_file.parent],
+    ),
+    Case(
+        "out-name-too-long",
+        lambda w, out: probe_args(w, out.parent / LONG_NAME),
+        ("has a name longer than this file system allows",),
+        "choose a shorter one",
+    ),
+    Case(
+        "out-read-only",
+        lambda w, out: probe_args(w, w.read_only / "run"),
+        ("cannot be written", "read-only"),
+        "choose another --out",
+        guarded=lambda w: [w.read_only],
+        read_only_mount=True,
+    ),
+    Case(
+        "finetune-out-read-only",
+        lambda w, out: finetune_args(w.read_only / "run", w.images),
+        ("cannot be written", "read-only"),
+        "choose another --out",
+        command="finetune",
+        guarded=lambda w: [w.read_only],
+        read_only_mount=True,
+    ),
+    Case(
+        "cache-dir-is-a-file",
+        lambda w, out: [*probe_args(w, out), "--cache-dir", str(w.a_file)],
+        ("--cache-dir", "a-file.txt exists and is not a folder"),
+        "choose another --cache-dir",
+        guarded=lambda w: [w.a_file.parent],
+    ),
+    Case(
+        "cache-dir-name-too-long",
+        lambda w, out: [*probe_args(w, out), "--cache-dir", str(out.parent / LONG_NAME)],
+        ("--cache-dir", "longer than this file system allows"),
+        "choose a shorter one",
+    ),
+    Case(
+        "cache-dir-read-only",
+        lambda w, out: [*probe_args(w, out), "--cache-dir", str(w.read_only / "cache")],
+        ("--cache-dir", "cannot be written", "read-only"),
+        "choose another --cache-dir",
+        guarded=lambda w: [w.read_only],
+        read_only_mount=True,
+    ),
+]
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file and folder under ``folder`` with a hash of its bytes: equal snapshots mean untouched content."""
     out = {}
@@ -447,9 +670,9 @@ def error_line(result) -> str:
     return lines[0]
 
 
-def test_the_matrix_has_twenty_distinct_cases() -> None:
+def test_the_matrix_has_sixty_distinct_cases() -> None:
     ids = [c.id for c in CASES]
-    assert len(set(ids)) == len(ids) >= 20
+    assert len(set(ids)) == len(ids) >= 60
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -463,6 +686,8 @@ def test_bad_input_ends_in_one_line_and_leaves_no_run_folder(
 
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    if case.read_only_mount and os.access(world.read_only, os.W_OK):  # root: simulate a read-only file system
+        monkeypatch.setattr(runs, "_read_only", lambda folder: Path(folder) == world.read_only)
     out = tmp_path / "run"
     if case.existing_out:
         out.mkdir()
@@ -479,6 +704,7 @@ def test_bad_input_ends_in_one_line_and_leaves_no_run_folder(
         assert not out.exists(), "a failed run left a folder behind"
     for p in guarded:
         assert snapshot(p) == before[p], f"{p} was changed"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a lock or a moved run was left behind"
 
     # --debug: the same error, raised (so Python prints the whole traceback), and still no folder left behind
     debug = runner.invoke(app, ["--debug", *args])
@@ -552,3 +778,101 @@ def test_the_real_command_line_prints_one_line_and_a_traceback_only_with_debug(t
     ]
     assert procs[1].returncode != 0
     assert "Traceback (most recent call last)" in debug_err and "mr2ft.errors.UserError" in debug_err
+
+
+# ---- usage errors, cheap checks, full disks (issue 19) --------------------------------------------------------------
+
+USAGE_ERRORS = {
+    "missing-argument": (["report"], "error: missing argument 'run' (see `mr2ft report --help`)"),
+    "unknown-option": (["probe", "--bogus"], "error: no such option: --bogus"),
+    "bad-value": (["probe", "--epochs", "x"], "error: invalid value for '--epochs'"),
+    "out-of-range-n-boot": (["compare", "a", "--n-boot", "0"], "error: invalid value for '--n-boot'"),
+    "unbounded-n-boot": (["compare", "a", "--n-boot", "1000000000"], "error: invalid value for '--n-boot'"),
+    "unknown-command": (["probes"], "error: no such command 'probes'"),
+    "missing-sub-argument": (["recipes", "show"], "error: missing argument 'name'"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS), ids=list(USAGE_ERRORS))
+def test_a_usage_error_is_one_line_not_a_box(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args, start = USAGE_ERRORS[case]
+    result = runner.invoke(app, args)
+    line = error_line(result)
+    assert line.startswith(start) and "--help" in line, line
+    assert result.output.strip() == line  # no usage lines, no box
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_groups_the_options_into_panels_and_shows_the_defaults() -> None:
+    from mr2ft.config import FinetuneConfig, ProbeConfig, StudyConfig
+
+    for command, cls in (("probe", ProbeConfig), ("finetune", FinetuneConfig), ("study", StudyConfig)):
+        lr = f"{cls.lr:g}"  # each command shows its own config's default (probe's lr is not finetune's)
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        for panel in ("Model", "Data", "Training", "Output"):
+            assert f"─ {panel} " in result.output, (command, panel)
+        lr_line = next(line for line in result.output.splitlines() if "--lr " in line)
+        assert f"[default: ({lr})]" in lr_line or f"[default: {lr}]" in lr_line, lr_line
+    assert "─ MR2 " in runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"}).output
+    top = runner.invoke(app, ["--help"])
+    assert top.exit_code == 0 and "--install-completion" in top.output  # shell completion is on
+
+
+def test_full_disk_during_overwrite_puts_the_old_run_back_and_says_so_in_one_line(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from mr2ft import probe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine", encoding="utf-8")
+
+    def full_disk(run_dir: Path, *args: object) -> None:
+        (run_dir / "predictions.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "predictions.safetensors"))
+
+    monkeypatch.setattr(probe, "save_predictions", full_disk)
+    line = error_line(runner.invoke(app, probe_args(world, out, "--overwrite")))
+    assert line == (
+        f"error: no space left on the device ({out / 'predictions.safetensors'}); free some space or choose another "
+        "--out / --cache-dir (a run folder is left as it was before)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert snapshot(out) == {"keep.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+def run_cli_and_report_torch(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    """``mr2ft ARGS`` in a fresh interpreter; stdout's last line says whether torch was imported."""
+    code = (
+        "import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+        f"sys.argv = ['mr2ft', *{args!r}]; from mr2ft.cli import run; run()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MR2FT_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, start",
+    [
+        (["probe", "--dataset", "no-such-folder/", "--out", "run"], "error: dataset 'no-such-folder/' is neither"),
+        (["finetune", "--dataset", "./missing.csv", "--out", "run"], "error: dataset './missing.csv' is neither"),
+        (["probe", "--dataset", ".", "--out", "x" * 300], "error: --out xxx"),
+        (["probe", "--dataset", ".", "--lr", "nan"], "error: --lr must be positive, got nan"),
+        (["probe", "--bogus"], "error: no such option: --bogus"),
+        (["report"], "error: missing argument 'run'"),
+    ],
+    ids=["missing-dataset", "missing-csv", "out-too-long", "nan-lr", "unknown-option", "missing-argument"],
+)
+def test_cheap_mistakes_are_reported_before_torch_is_imported(args: list[str], start: str, tmp_path: Path) -> None:
+    code, stdout, stderr = run_cli_and_report_torch(args, tmp_path)
+    assert code == 2, stderr
+    assert stdout.strip() == "torch imported: False"
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith(start), line
+    assert list(tmp_path.iterdir()) == []
