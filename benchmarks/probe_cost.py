@@ -77,6 +77,7 @@ def whole_probe(args, data: Path, cache: Path, out: Path) -> float:
             str(out),
             "--epochs",
             str(args.epochs),
+            "--no-sweep-wd",  # one head fit, as when this benchmark was recorded (the default now sweeps weight decay)
             "--extract-batch-size",
             str(args.batch),
             "--num-workers",

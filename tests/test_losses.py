@@ -24,6 +24,7 @@ from mr2ft.losses import (
     MR2Loss,
     WatchedLoss,
     build_loss,
+    keeps_class_statistics,
     list_losses,
 )
 
@@ -349,8 +350,84 @@ def test_class_dro_upweights_the_worst_class():
     for _ in range(5):
         out = dro(logits, None, y)
     assert dro.q.argmax().item() == 2 and dro.q.sum().item() == pytest.approx(1.0)
-    per = F.cross_entropy(logits, y, reduction="none")
+    per = F.cross_entropy(logits, y, reduction="none")  # one sample per class: the class losses
     assert out["loss"].item() == pytest.approx(float((dro.q * per).sum()), rel=1e-5)
+
+
+def _sagawa_reference(batches, num_classes: int, eta: float):
+    """Sagawa et al.'s LossComputer, transcribed as plain loops: per-group mean loss (0 for an absent group), then
+    ``adv_probs *= exp(eta * group_loss)``, normalised, and ``robust_loss = group_loss @ adv_probs``."""
+    q = [1.0 / num_classes] * num_classes
+    losses = []
+    for logits, y in batches:
+        per = [float(F.cross_entropy(logits[i : i + 1].double(), y[i : i + 1])) for i in range(len(y))]
+        group_loss = []
+        for g in range(num_classes):
+            mine = [per[i] for i in range(len(y)) if int(y[i]) == g]
+            group_loss.append(sum(mine) / len(mine) if mine else 0.0)
+        q = [q[g] * math.exp(eta * group_loss[g]) for g in range(num_classes)]
+        total = sum(q)
+        q = [v / total for v in q]
+        losses.append(sum(group_loss[g] * q[g] for g in range(num_classes)))
+    return losses, q
+
+
+def test_class_dro_follows_sagawa_et_al_including_absent_classes():
+    torch.manual_seed(0)
+    K, eta = 4, 0.3
+    # the second and third batches lack class 3 and classes 0/3: absent groups have loss 0 and are not renormalised away
+    ys = [torch.tensor([0, 1, 2, 3, 3, 1]), torch.tensor([0, 0, 1, 2, 2]), torch.tensor([1, 2, 2, 1])]
+    batches = [(torch.randn(len(y), K) * 2, y) for y in ys]
+    ref_losses, ref_q = _sagawa_reference(batches, K, eta)
+    dro = ClassDROLoss(K, dro_step_size=eta).train()
+    for (logits, y), ref in zip(batches, ref_losses, strict=True):
+        assert dro(logits, None, y)["loss"].item() == pytest.approx(ref, rel=1e-5)
+    assert dro.q.tolist() == pytest.approx(ref_q, rel=1e-5)
+    # in eval mode q is left alone
+    before = dro.q.clone()
+    dro.eval()(*batches[0][:1], None, batches[0][1])
+    assert torch.equal(dro.q, before)
+
+
+def test_ldam_on_a_cosine_head_matches_closed_form():
+    from mr2ft.heads import build_head
+
+    torch.manual_seed(1)
+    counts = [50, 20, 5]
+    head = build_head("linear", 6, 3, cosine=True)
+    x, y = torch.randn(8, 6) * 7.0, torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
+    with torch.no_grad():
+        cos = torch.stack(
+            [torch.stack([x[i] @ w / (x[i].norm() * w.norm()) for w in head.fc.weight]) for i in range(8)]
+        )
+    assert head.fc.bias is None and torch.allclose(head(x), cos, atol=1e-6)
+    m = torch.tensor([c**-0.25 for c in counts])
+    m = m * 0.5 / m.max()
+    ref = (
+        sum(
+            -math.log(
+                math.exp(30 * (cos[i, y[i]] - m[y[i]]))
+                / (
+                    math.exp(30 * (cos[i, y[i]] - m[y[i]]))
+                    + sum(math.exp(30 * cos[i, k]) for k in range(3) if k != y[i])
+                )
+            )
+            for i in range(8)
+        )
+        / 8
+    )
+    out = build_loss("ldam", 3, 6, class_counts=counts)(head(x), x, y)["loss"]
+    assert out.item() == pytest.approx(float(ref), rel=1e-5)
+    # the cosine logits do not depend on the features' scale
+    assert torch.allclose(head(x * 100.0), head(x), atol=1e-6)
+
+
+def test_keeps_class_statistics_is_the_one_answer():
+    assert {n for n in list_losses() if keeps_class_statistics(n)} == {"mr2", "uniform"}
+    for name in list_losses():
+        loss = build_loss(name, 3, 2, class_counts=[1, 1, 1])
+        assert keeps_class_statistics(name) == callable(getattr(loss, "class_stats", None)), name
+    assert not keeps_class_statistics("jtt") and not keeps_class_statistics("nope")
 
 
 # ---- distributed: two gloo processes, each with half the batch --------------------------------------------------

@@ -26,8 +26,15 @@ LossBuilder = Callable[..., nn.Module]
 LOSSES: dict[str, LossBuilder] = {}
 LOSS_HELP: dict[str, str] = {}
 
-# Losses whose margin depends on the class statistics (and so on the features).
-USES_FEATURES = {"mr2", "uniform"}
+# Losses that keep per-class feature statistics (MR2Loss: mr2 sets its margins from them; the uniform control keeps
+# the same statistics but gives every class c_bar). Ask :func:`keeps_class_statistics`, not this set.
+_KEEP_CLASS_STATISTICS = frozenset({"mr2", "uniform"})
+
+
+def keeps_class_statistics(name: str) -> bool:
+    """Whether the loss ``name`` keeps class statistics of the features (and so needs the features passed, takes
+    ``c_bar``, checkpoints the statistics and reports them as the margins it applied)."""
+    return name in _KEEP_CLASS_STATISTICS
 
 
 def register_loss(name: str, help: str) -> Callable[[LossBuilder], LossBuilder]:
@@ -84,7 +91,7 @@ def _focal(num_classes: int, feature_dim: int, focal_gamma: float = 2.0, **_) ->
     return FocalLoss(num_classes, focal_gamma=focal_gamma)
 
 
-@register_loss("ldam", "LDAM: margins from class counts (uniform on balanced data)")
+@register_loss("ldam", "LDAM: margins from class counts (uniform on balanced data), s=30 on a cosine head's logits")
 def _ldam(num_classes: int, feature_dim: int, class_counts=None, **_) -> nn.Module:
     return LDAMLoss(num_classes, class_counts=class_counts)
 
@@ -94,7 +101,7 @@ def _la(num_classes: int, feature_dim: int, class_counts=None, **_) -> nn.Module
     return LogitAdjustedLoss(num_classes, class_counts=class_counts)
 
 
-@register_loss("dro", "online group DRO over classes")
+@register_loss("dro", "online group DRO over classes (Sagawa et al. 2020)")
 def _dro(num_classes: int, feature_dim: int, dro_step_size: float = 0.01, **_) -> nn.Module:
     return ClassDROLoss(num_classes, dro_step_size=dro_step_size)
 
@@ -109,7 +116,7 @@ __all__ = [
     "LogitAdjustedLoss",
     "ClassDROLoss",
     "LOSSES",
-    "USES_FEATURES",
+    "keeps_class_statistics",
     "build_loss",
     "default_p",
     "list_losses",

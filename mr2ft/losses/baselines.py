@@ -67,7 +67,13 @@ def _counts(class_counts: torch.Tensor | list | None, num_classes: int) -> torch
 
 
 class LDAMLoss(nn.Module):
-    """LDAM (Cao et al. 2019): subtract ``m_k ∝ n_k^(-1/4)`` (largest ``max_margin``) from the true logit."""
+    """LDAM (Cao et al. 2019): subtract ``m_k ∝ n_k^(-1/4)`` (largest ``max_margin``) from the true logit, then
+    cross-entropy of ``ldam_scale`` (s = 30) times the result.
+
+    As in LDAM-DRW, the logits must be cosine similarities from a normalised head (``NormedLinear``: normalised
+    features and class weights, see :class:`mr2ft.heads.LinearHead` with ``cosine=True``): s = 30 is a scale for
+    logits in [-1, 1] and would be meaningless on a plain linear head's logits.
+    """
 
     def __init__(self, num_classes: int, class_counts=None, max_margin: float = 0.5, ldam_scale: float = 30.0) -> None:
         super().__init__()
@@ -98,10 +104,13 @@ class LogitAdjustedLoss(nn.Module):
 
 
 class ClassDROLoss(nn.Module):
-    """Online group DRO over classes (Sagawa et al. 2020): exponentiated-gradient weights q over class losses.
+    """Online group DRO over classes (Sagawa et al. 2020, ``LossComputer.compute_robust_loss``), groups = classes.
 
-    Each step, for the classes in the batch, ``q_k <- q_k * exp(eta * loss_k)`` then q is renormalised, and the
-    loss is ``sum_k q_k * loss_k`` over the batch's classes. q is state (a buffer) and checkpointed.
+    Each training step: the batch's per-class mean losses ``loss_g`` (0 for a class absent from the batch, as in the
+    original), then ``q_g <- q_g * exp(eta * loss_g)`` and q renormalised over all classes, and the loss is
+    ``sum_g q_g * loss_g`` with the updated q (the original's ``group_loss @ adv_probs``; absent classes add
+    nothing, and the sum is not renormalised over the classes present). In eval mode q is not updated. q is state
+    (a buffer) and checkpointed.
     """
 
     def __init__(self, num_classes: int, dro_step_size: float = 0.01) -> None:
@@ -115,11 +124,9 @@ class ClassDROLoss(nn.Module):
         counts = torch.bincount(targets, minlength=self.num_classes).float()
         class_loss = torch.zeros(self.num_classes, device=logits.device).index_add(0, targets, per_sample)
         class_loss = class_loss / counts.clamp(min=1)
-        present = counts > 0
         if self.training:
             with torch.no_grad():
-                q = self.q * torch.exp(self.dro_step_size * class_loss.detach() * present)
+                q = self.q * torch.exp(self.dro_step_size * class_loss.detach())
                 self.q.copy_(q / q.sum())
-        w = torch.where(present, self.q, torch.zeros_like(self.q))
-        loss = (w * class_loss).sum() / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
+        loss = class_loss @ self.q
         return {"loss": loss, "ce": per_sample.mean().detach(), "q_max": self.q.max().detach()}
