@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,11 @@ from rich.console import Console
 from torch import nn
 
 from mr2ft import runs
+from mr2ft.classnames import read_name_file, rename_classes
 from mr2ft.data import split_fingerprint as data_split_fingerprint
 from mr2ft.errors import UserError
 from mr2ft.features import FeatureCache, cache_key, cached_features
-from mr2ft.heads import LinearHead
+from mr2ft.heads import LinearHead, head_from_state
 from mr2ft.io import append_jsonl, load_tensors, read_json, save_tensors, write_text
 
 SPLITS = ("test", "val", "train")
@@ -84,6 +84,12 @@ class TrainedModel:
         A ``bn_linear`` probe head's BatchNorm (affine=False, eval mode) is folded in:
         ``W (x - mu) / sqrt(var + eps) + b = (W / s) x + (b - (W / s) mu)``.
         """
+        if getattr(self.head, "cosine", False):
+            raise UserError(
+                "this run's head is a cosine classifier (LDAM: normalised features and weights), which is not one "
+                "linear map of the features; export cannot fold it into a timm/hf/open_clip classifier (use "
+                "mr2ft predict or eval with this run instead)"
+            )
         fc = self.head.fc if isinstance(self.head, LinearHead) else self.head
         weight, bias = fc.weight.detach().double(), fc.bias.detach().double()
         norm = getattr(self.head, "norm", None)
@@ -182,7 +188,7 @@ def load_trained(run_dir: str | Path) -> TrainedModel:
         if not path.is_file():
             raise UserError(f"{run_dir} holds no {runs.HEAD}; run the probe again")
         tensors = load_tensors(path)
-        head = LinearHead(bb.feature_dim, len(names), batchnorm="norm.running_mean" in tensors)
+        head = head_from_state(bb.feature_dim, len(names), tensors)
         _checked_load(head, tensors, path)
         fingerprint = bb.fingerprint
     bb.model.eval()
@@ -241,55 +247,6 @@ def load_eval_data(
     chosen = chosen if len(available) > 1 else "all"
     label = name.lower() if folders else raw.name
     return EvalData(ds, list(raw.class_names), label, chosen, data_split_fingerprint(ds)), folders
-
-
-def read_name_file(path: str | Path, what: str) -> list[str] | dict[str, str]:
-    """A list of names (one per line, or a JSON list) or a JSON object mapping old names to new ones.
-
-    Raises:
-        UserError: missing or unreadable file, or not one of those shapes.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} file {path} does not exist; give one name per line, or JSON")
-    text = path.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith(("[", "{")):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{what} file {path} is not valid JSON ({e.msg} at line {e.lineno}); fix it") from None
-        ok_list = isinstance(data, list) and all(isinstance(v, str) for v in data)
-        ok_map = isinstance(data, dict) and all(isinstance(v, str) for v in data.values())
-        if not (ok_list or ok_map):
-            raise UserError(f"{what} file {path} must hold a JSON list of strings or an object of name: new name")
-        return data
-    names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not names:
-        raise UserError(f"{what} file {path} is empty; write one name per line")
-    return names
-
-
-def rename_classes(names: list[str], mapping: list[str] | dict[str, str] | None, source: str) -> list[str]:
-    """Apply a ``--class-names`` file to a dataset's class names.
-
-    A JSON object renames the names it holds. A list gives the names in class order, or, for class folders named
-    by index (ImageNetV2's ``0`` .. ``999``), the name of each index.
-
-    Raises:
-        UserError: a list that fits neither way.
-    """
-    if mapping is None:
-        return list(names)
-    if isinstance(mapping, dict):
-        return [mapping.get(n, n) for n in names]
-    if len(mapping) == len(names):
-        return list(mapping)
-    if all(n.isdigit() for n in names) and max(int(n) for n in names) < len(mapping):
-        return [mapping[int(n)] for n in names]
-    raise UserError(
-        f"--class-names {source} lists {len(mapping)} names for {len(names)} classes; give one name per class "
-        "in class order, or a JSON object mapping folder names to class names"
-    )
 
 
 def match_classes(names: list[str], run_names: list[str], run_dir: Path, folders: str = "") -> list[int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from mr2ft import runs
+from mr2ft.classnames import prompt_names, read_templates
 from mr2ft.errors import UserError
 from mr2ft.evaluate import (
     EvalData,
@@ -24,37 +25,10 @@ from mr2ft.evaluate import (
     head_logits,
     load_backbone_of,
     load_eval_data,
-    read_name_file,
-    rename_classes,
     write_scored_run,
 )
 from mr2ft.heads import build_head
 from mr2ft.io import save_tensors
-
-
-def read_templates(path: str | Path | None) -> list[str] | None:
-    """Prompt templates from a file (one per line, or a JSON list), each holding ``{}``; None for the defaults.
-
-    Raises:
-        UserError: missing file, a JSON object, or a template without ``{}``.
-    """
-    if path is None:
-        return None
-    templates = read_name_file(path, "--templates")
-    if isinstance(templates, dict):
-        raise UserError(f"--templates {path} must list templates (one per line or a JSON list), not a JSON object")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise UserError(
-            f"template {bad[0]!r} in {path} has no '{{}}' for the class name; write e.g. 'a photo of a {{}}.'"
-        )
-    return templates
-
-
-def prompt_names(class_names: list[str], path: str | Path | None) -> list[str]:
-    """The names put into the prompts: the dataset's class names, renamed by a ``--class-names`` file."""
-    mapping = read_name_file(path, "--class-names") if path is not None else None
-    return rename_classes(class_names, mapping, str(path))
 
 
 @dataclass(frozen=True)
@@ -88,18 +62,11 @@ class ZeroShotSettings:
 
 def zeroshot_data(cfg: ZeroShotSettings) -> EvalData:
     """The split to score (see :class:`ZeroShotSettings`)."""
-    from mr2ft.data import load_dataset
+    from mr2ft.data import load_dataset_for
 
     if not (cfg.val_fraction or cfg.test_max_per_class):
         return load_eval_data(cfg.dataset or "", "test", cfg.image_column, cfg.label_column)[0]
-    splits = load_dataset(
-        cfg.dataset or "",
-        image_column=cfg.image_column,
-        label_column=cfg.label_column,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
-        test_max_per_class=cfg.test_max_per_class,
-    )
+    splits = load_dataset_for(cfg)
     return EvalData(splits.test, list(splits.class_names), splits.name, "test", splits.split_fingerprint("test"))
 
 

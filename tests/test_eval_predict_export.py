@@ -368,3 +368,16 @@ def test_class_name_files_and_index_folders(tmp_path):
     bad.write_text('{"a": 1}', encoding="utf-8")
     with pytest.raises(evaluate.UserError, match="JSON list of strings"):
         evaluate.read_name_file(bad, "--class-names")
+
+
+def test_an_ldam_probe_with_a_cosine_head_evaluates_and_is_refused_by_export(images, work, cache, tmp_path):
+    run = tmp_path / "ldam"
+    ok(["probe", "--backbone", "timm", "--model", "test_resnet", "--weights", "none", "--dataset", images,
+        "--loss", "ldam", "--epochs", "2", "--batch-size", "9", "--cache-dir", cache, "--out", run, *FAST])  # fmt: skip
+    out = tmp_path / "eval"
+    ok(["eval", run, "--dataset", images, "--cache-dir", cache, "--out", out, "--num-workers", "0"])
+    a, b = load_tensors(run / "predictions.safetensors"), load_tensors(out / "predictions.safetensors")
+    assert torch.equal(a["preds"], b["preds"])  # the cosine head is rebuilt as the probe saved it
+    line = error_line(["export", run, "--format", "timm", "--out", tmp_path / "exported"])
+    assert "cosine" in line
+    assert not (tmp_path / "exported").exists()

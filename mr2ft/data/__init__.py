@@ -28,7 +28,7 @@ from mr2ft.data.sources import (
     idx_files,
     read_idx,
 )
-from mr2ft.data.splits import DatasetSplits, load_dataset, split_fingerprint
+from mr2ft.data.splits import DatasetSplits, load_dataset, load_dataset_for, split_fingerprint
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -48,6 +48,7 @@ __all__ = [
     "TransformedDataset",
     "idx_files",
     "load_dataset",
+    "load_dataset_for",
     "read_idx",
     "split_fingerprint",
     "to_rgb",

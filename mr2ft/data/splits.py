@@ -83,6 +83,29 @@ class DatasetSplits:
 TEST_SPLIT_SEED = 0
 
 
+# The data settings of a run's config that :func:`load_dataset` takes, by the same names.
+DATA_SETTINGS = (
+    "image_column",
+    "label_column",
+    "val_fraction",
+    "seed",
+    "shots",
+    "max_per_class",
+    "test_max_per_class",
+    "skip_bad_images",
+    "follow_links",
+    "streaming",
+)
+
+
+def load_dataset_for(settings: Any, **overrides: Any) -> DatasetSplits:
+    """:func:`load_dataset` with the data settings of a job's config (any object with ``dataset`` and some of
+    :data:`DATA_SETTINGS` as attributes); ``overrides`` win. Every job loads its data through this one call."""
+    kwargs = {name: getattr(settings, name) for name in DATA_SETTINGS if getattr(settings, name, None) is not None}
+    kwargs.update(overrides)
+    return load_dataset(getattr(settings, "dataset", None) or "", **kwargs)
+
+
 def _check_options(
     spec: str, val_fraction: float, shots: int | None, max_per_class: int | None, test_max_per_class: int | None
 ) -> None:

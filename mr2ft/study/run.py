@@ -155,21 +155,11 @@ def check_p(normalized: bool, p: float | None) -> None:
 def preflight_finetune(ft: FinetuneConfig, seeds: list[int]) -> list[np.ndarray]:
     """Before any fine-tune: every seed must see the same classes and the very same test images (a paired study
     needs one test set). Returns each seed's training images per class (the control's margin weights)."""
-    from mr2ft.data import load_dataset
+    from mr2ft.data import load_dataset_for
 
     counts, first = [], None
     for seed in seeds:
-        splits = load_dataset(
-            ft.dataset,
-            image_column=ft.image_column,
-            label_column=ft.label_column,
-            val_fraction=ft.val_fraction,
-            seed=seed,
-            shots=ft.shots,
-            max_per_class=ft.max_per_class,
-            test_max_per_class=ft.test_max_per_class,
-            skip_bad_images=ft.skip_bad_images,
-        )
+        splits = load_dataset_for(ft, seed=seed)
         identity = (list(splits.class_names), splits.split_fingerprint("test"))
         if first is None:
             first = identity
@@ -332,7 +322,7 @@ def _finetune_runs(
                 )
     split = (
         f"{ft.val_fraction:.0%} of train held out (stratified), carved with each seed (shared by that seed's "
-        "methods); ERM's per-class accuracy on it sets the groups; the final model is the last one"
+        "methods); ERM's per-class accuracy on it sets the groups; the final model is the best epoch on it"
         if ft.val_fraction
         else "none held out (the final model is the last one; per-epoch logs use test)"
     )
