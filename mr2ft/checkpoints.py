@@ -64,6 +64,8 @@ RESUMABLE_CHANGES = frozenset(
         "baseline",
         "wise_alpha",
         "mixed_precision",
+        "report_to",
+        "grad_checkpointing",
     }
 )
 

@@ -2,16 +2,21 @@
 
 Owns: :class:`Classifier` (a backbone plus a linear head, returning logits and the features MR2 measures), CLIP's
 zero-shot head initialisation, ranked top-k evaluation over a prepared loader, WiSE-FT weight interpolation, and the
-representation margin's gradient share (:func:`rep_grad_share`). Library level: imports torch only.
+representation margin's gradient share (:func:`rep_grad_share`), gradient checkpointing
+(:func:`enable_grad_checkpointing`) and the weight EMA (:class:`WeightEma`). Library level: torch and
+:mod:`mr2ft.errors`.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
 import torch
 from torch import nn
+
+from mr2ft.errors import UserError
 
 
 class Classifier(nn.Module):
@@ -31,14 +36,16 @@ class Classifier(nn.Module):
         return self.head(features), features
 
 
-def init_zeroshot_head(model: Classifier, bb: Any, class_names: list[str]) -> None:
+def init_zeroshot_head(model: Classifier, bb: Any, class_names: list[str], templates: list[str] | None = None) -> None:
     """Set the head to CLIP's zero-shot classifier: ``logit_scale * text embedding`` per class, bias 0.
+
+    ``templates``: prompt templates holding ``{}`` (None: the backbone's defaults).
 
     Raises:
         UserError: the backbone has no text tower (from ``bb.text_classifier``).
     """
     with torch.no_grad():
-        weights = bb.text_classifier(list(class_names)).float()
+        weights = bb.text_classifier(list(class_names), templates).float()
         model.head.weight.copy_(float(bb.logit_scale) * weights)
         model.head.bias.zero_()
 
@@ -75,6 +82,44 @@ def apply_wise(model: nn.Module, zeroshot: dict[str, torch.Tensor], alpha: float
                 value.copy_(torch.lerp(zeroshot[key].to(value.device, value.dtype), value, alpha))
 
 
+def enable_grad_checkpointing(backbone: nn.Module, what: str) -> None:
+    """Recompute activations in the backward pass: timm and open_clip ``set_grad_checkpointing``, transformers
+    ``gradient_checkpointing_enable`` (the outermost module that has one).
+
+    Raises:
+        UserError: no part of the model supports it.
+    """
+    for module in backbone.modules():
+        for method in ("set_grad_checkpointing", "gradient_checkpointing_enable"):
+            fn = getattr(module, method, None)
+            if callable(fn):
+                try:
+                    fn(True) if method == "set_grad_checkpointing" else fn()
+                except (AssertionError, NotImplementedError, ValueError):
+                    break
+                return
+    raise UserError(f"the {what} model does not support gradient checkpointing; drop --grad-checkpointing")
+
+
+class WeightEma:
+    """An exponential moving average of a model's weights: after each optimizer step every floating-point
+    parameter and buffer becomes ``decay * ema + (1 - decay) * weight`` (others are copied). ``module`` is a frozen
+    copy of the model in eval mode, evaluated beside the raw weights."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = model.state_dict()
+        for key, value in self.module.state_dict().items():
+            if value.is_floating_point():
+                value.lerp_(current[key].to(value.dtype), 1.0 - self.decay)
+            else:
+                value.copy_(current[key])
+
+
 def weights_finite(model: nn.Module) -> bool:
     """Whether every floating-point parameter and buffer is finite (one device sync)."""
     checks = [torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()]
@@ -102,4 +147,13 @@ def rep_grad_share(out: dict[str, Any], features: torch.Tensor) -> float:
     return rep / logit
 
 
-__all__ = ["Classifier", "apply_wise", "evaluate", "init_zeroshot_head", "rep_grad_share", "weights_finite"]
+__all__ = [
+    "Classifier",
+    "WeightEma",
+    "apply_wise",
+    "enable_grad_checkpointing",
+    "evaluate",
+    "init_zeroshot_head",
+    "rep_grad_share",
+    "weights_finite",
+]

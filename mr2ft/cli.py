@@ -189,6 +189,24 @@ FT_RESUME_OPT = typer.Option(
 FT_RECIPE_OPT = typer.Option(
     None, "--recipe", help="Recipe name or YAML path; flags override it (with --resume: the run's config.yaml)."
 )
+FT_TEMPLATES_OPT = typer.Option(
+    None, "--templates", help="--head zeroshot: prompt templates with {}, one per line or JSON."
+)
+FT_CLASS_NAMES_OPT = typer.Option(
+    None, "--class-names", help="--head zeroshot: names for the prompts (one per line, or a JSON renaming)."
+)
+FT_MODEL_EMA_OPT = typer.Option(
+    None, "--model-ema", help="Keep a weight EMA with this decay (e.g. 0.9998), evaluated beside the raw weights."
+)
+FT_GRAD_CHECKPOINTING_OPT = typer.Option(
+    None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations: less memory, slower."
+)
+FT_CHANNELS_LAST_OPT = typer.Option(
+    None, "--channels-last/--no-channels-last", help="channels_last memory format (faster convs on GPU)."
+)
+FT_REPORT_TO_OPT = typer.Option(
+    None, "--report-to", help="Experiment trackers, comma-separated: tensorboard, wandb, mlflow, ..."
+)
 
 
 @app.command("finetune")
@@ -218,7 +236,9 @@ def finetune_command(
     margin_mode: str | None = MARGIN_MODE_OPT,
     temperature_factor: float | None = FT_TEMPERATURE_FACTOR_OPT,
     head: str | None = typer.Option(None, "--head", help="linear, or zeroshot (CLIP: head from text prompts)."),
-    optimizer: str | None = OPTIMIZER_OPT,
+    optimizer: str | None = typer.Option(
+        None, "--optimizer", help="Any timm optimizer: adamw, sgd (momentum 0.9), lamb, lars, lion, nadamw, ..."
+    ),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (not scaled by batch size)."),
     blr: float | None = FT_BLR_OPT,
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay (never on norms, biases)."),
@@ -238,6 +258,14 @@ def finetune_command(
     label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="Label smoothing (ce only)."),
     samples_per_class: int | None = FT_SAMPLES_PER_CLASS_OPT,
     wise_alpha: float | None = FT_WISE_ALPHA_OPT,
+    templates: str | None = FT_TEMPLATES_OPT,
+    class_names: str | None = FT_CLASS_NAMES_OPT,
+    min_lr: float | None = typer.Option(None, "--min-lr", help="Floor of the cosine schedule (absolute lr)."),
+    model_ema: float | None = FT_MODEL_EMA_OPT,
+    grad_checkpointing: bool | None = FT_GRAD_CHECKPOINTING_OPT,
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the backbone."),
+    channels_last: bool | None = FT_CHANNELS_LAST_OPT,
+    report_to: str | None = FT_REPORT_TO_OPT,
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate (and checkpoint) every N epochs."),
     early_stop: int | None = FT_EARLY_STOP_OPT,
@@ -376,7 +404,8 @@ def study_command(
         None, "--recipe", help="Recipe name or YAML path (probe settings; a fine-tune recipe with --mode finetune)."
     ),
 ) -> None:
-    """ERM vs a matched uniform-margin control vs MR2 over seeds: the table, bootstrap intervals and a verdict."""
+    """ERM vs MR2 (and a matched control where it differs from tuned ERM) over seeds: groups fixed on validation,
+    seed-paired bootstrap intervals and a verdict."""
     values = settings(ctx, "wd_grid", "cbar_grid")
     recipe = values.pop("recipe")
     check_paths(dataset, out, overwrite, cache_dir)

@@ -135,15 +135,16 @@ def check_paths(
 
 # --help groups the options of probe, finetune and study into these panels (anything else: Advanced).
 PANELS = {
-    "Model": "backbone model weights normalize pool image_size head",
+    "Model": "backbone model weights normalize pool image_size head templates class_names",
     "Data": "dataset image_column label_column val_fraction shots max_per_class test_max_per_class "
     "skip_bad_images follow_links num_workers randaugment mixup cutmix samples_per_class",
     "Training": "loss optimizer lr mixed_precision weight_decay layer_decay drop_path epochs batch_size grad_accum "
-    "grad_clip warmup_epochs warmup_steps label_smoothing seed seeds max_steps early_stop mode blr schedule lr_steps "
-    "converge_tol standardize",
+    "grad_clip warmup_epochs warmup_steps min_lr model_ema label_smoothing seed seeds max_steps early_stop mode blr "
+    "schedule lr_steps converge_tol standardize",
     "MR2": "c_bar lambda_rep p momentum margin_mode temperature_factor",
     "Validation sweeps": "sweep_wd wd_grid sweep_cbar sweep_temperature cbar_grid sweep_criterion jtt_upweight n_boot",
-    "Output": "out overwrite recipe baseline resume checkpoint_every eval_every wise_alpha",
+    "Output": "out overwrite recipe baseline resume checkpoint_every eval_every wise_alpha report_to",
+    "Speed and memory": "grad_checkpointing compile channels_last",
 }
 PANEL_OF = {name: panel for panel, names in PANELS.items() for name in names.split()}
 

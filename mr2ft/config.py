@@ -117,6 +117,8 @@ RANGES: dict[str, Range] = {
     "label_smoothing": FRACTION,
     "samples_per_class": COUNT,
     "wise_alpha": UNIT,
+    "model_ema": Range(0, 1, low_open=True, high_open=True),
+    "min_lr": NON_NEGATIVE,
     "checkpoint_every": COUNT,
     "eval_every": COUNT,
     "early_stop": COUNT,
@@ -273,6 +275,14 @@ class FinetuneConfig(CommonConfig):
     max_steps: int | None = None
     resume: str | None = None
     baseline: str | None = None
+    templates: str | None = None  # --head zeroshot: prompt templates file (one per line or JSON); None: defaults
+    class_names: str | None = None  # --head zeroshot: names put into the prompts (a list or a JSON renaming)
+    report_to: str | None = None  # comma-separated Accelerate trackers: tensorboard, wandb, mlflow, ...
+    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the backbone
+    channels_last: bool = False
+    model_ema: float | None = None  # decay of a weight EMA evaluated beside the raw weights
+    min_lr: float = 0.0  # floor of the cosine schedule
 
 
 # Probe settings a study sets itself per method (loss, sweeps, baseline) or never uses (the JTT/LfF knobs).

@@ -37,8 +37,10 @@ from mr2ft.classifier import Classifier, apply_wise, evaluate, init_zeroshot_hea
 from mr2ft.config import FinetuneConfig
 from mr2ft.data.sampling import EpochShuffle, SeededTransform  # re-exported: they were defined here
 from mr2ft.errors import UserError
+from mr2ft.optim import check_optimizer
 from mr2ft.perf import keep_freed_memory
 from mr2ft.schedule import build_scheduler, lr_factor
+from mr2ft.tracking import PROJECT, parse_trackers, tracker_config
 from mr2ft.trainer import Trainer, build_optimizer
 
 # The losses that may train on soft targets (mixup, cutmix, label smoothing); the others, MR2 above all, are
@@ -93,8 +95,7 @@ def validate(cfg: FinetuneConfig) -> None:
     # Every number is range-checked (NaN, inf, negative...) when the config is made (mr2ft.config.check_numbers).
     if cfg.lr >= torch.finfo(torch.float32).max:
         raise UserError(f"--lr {cfg.lr:g} overflows the float32 weights; pass a learning rate below 1 (e.g. 1e-4)")
-    if cfg.optimizer not in ("adamw", "sgd"):
-        raise UserError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
+    check_optimizer(cfg.optimizer)
     if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise UserError(f"unknown --mixed-precision {cfg.mixed_precision!r}; choose no, fp16 or bf16")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -119,6 +120,11 @@ def validate(cfg: FinetuneConfig) -> None:
             raise UserError(f"--wise-alpha must be in [0, 1] (0: zero-shot, 1: fine-tuned), got {cfg.wise_alpha}")
         if cfg.head != "zeroshot":
             raise UserError("--wise-alpha interpolates towards the zero-shot model: it needs --head zeroshot (CLIP)")
+    if (cfg.templates or cfg.class_names) and cfg.head != "zeroshot":
+        raise UserError("--templates and --class-names shape CLIP's zero-shot head: they need --head zeroshot")
+    if cfg.min_lr > cfg.lr:
+        raise UserError(f"--min-lr {cfg.min_lr:g} is above the peak --lr {cfg.lr:g}; pass a floor below the peak")
+    parse_trackers(cfg.report_to)
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues a run and --overwrite replaces it; pass only one of them")
     if not cfg.dataset:
@@ -181,7 +187,12 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     else:
         run_dir = Path(cfg.out) if cfg.out else runs.default_run_dir(cfg.backbone, cfg.dataset, cfg.loss)
         runs.check_run_dir(run_dir, overwrite=cfg.overwrite)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=parse_trackers(cfg.report_to) or None,
+        project_dir=str(run_dir),
+    )
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # fewer page faults per step (see mr2ft.perf)
     try:
@@ -196,10 +207,14 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
         )
         with folder:
             accelerator.wait_for_everyone()
+            accelerator.init_trackers(PROJECT, config=tracker_config(cfg))  # before _start restores the RNGs
             _start(trainer, info, ckpt)
-            with _stop_on_signals(trainer):
-                stopped_early, images, seconds = trainer.train()
-            summary = trainer.finish(stopped_early)
+            try:
+                with _stop_on_signals(trainer):
+                    stopped_early, images, seconds = trainer.train()
+                summary = trainer.finish(stopped_early)
+            finally:
+                accelerator.end_training()
         result = FinetuneResult(
             run_dir,
             summary,
@@ -226,12 +241,10 @@ def _start(trainer: Trainer, info: dict, ckpt: Path | None) -> None:
                 trainer.run_dir,
                 cfg,
                 "finetune",
-                trainer.splits.class_names,
+                trainer.splits,
+                trainer.bb,
                 extra=info,
-                dataset=trainer.splits.name,
-                backbone=f"{trainer.bb.family}:{trainer.bb.name}",
                 margins_applied=trainer.margins_applied,
-                skipped_images=len(getattr(trainer.splits, "skipped", []) or []),
             )
         from accelerate.utils import set_seed
 

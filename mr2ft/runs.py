@@ -40,6 +40,7 @@ CONFIG = CONFIG_FILE
 CLASSES = "classes.json"
 METRICS = "metrics.jsonl"
 PREDICTIONS = "predictions.safetensors"
+VAL_PREDICTIONS = "val_predictions.safetensors"  # the reported model on the validation split (same format)
 CLASS_STATS = "class_stats.safetensors"
 HEAD = "head.safetensors"
 CHECKPOINTS = "checkpoints"
@@ -288,21 +289,38 @@ def write_header(
     run_dir: Path,
     cfg: Any,
     command: str,
-    class_names: Sequence[str],
+    splits: Any,
+    backbone: Any,
     extra: dict[str, Any] | None = None,
     **info: object,
 ) -> None:
     """Write the run's header once: ``config.yaml`` (the resolved config, plus ``extra`` facts resolved at run time,
-    as comments) and ``classes.json`` (the class names, the loss, the mode and ``info``: dataset, backbone...)."""
+    as comments) and ``classes.json`` (the class names, the loss, the mode, the dataset, the backbone, how many
+    images were skipped, and ``info``).
+
+    Args:
+        splits: the run's data (a :class:`~mr2ft.data.DatasetSplits`: ``class_names``, ``name``, ``skipped``).
+        backbone: the run's backbone (``family`` and ``name``).
+    """
     dump_config(cfg, run_dir / CONFIG, command, extra=extra)
-    save_classes(run_dir, class_names, **{"loss": getattr(cfg, "loss", None), "mode": command, **info})
+    facts = {
+        "loss": getattr(cfg, "loss", None),
+        "mode": command,
+        "dataset": splits.name,
+        "backbone": f"{backbone.family}:{backbone.name}",
+        "skipped_images": len(getattr(splits, "skipped", None) or []),
+    }
+    save_classes(run_dir, splits.class_names, **facts, **info)
 
 
-def save_predictions(run_dir: Path, targets: torch.Tensor, logits_or_topk: torch.Tensor, num_classes: int) -> None:
+def save_predictions(
+    run_dir: Path, targets: torch.Tensor, logits_or_topk: torch.Tensor, num_classes: int, name: str = PREDICTIONS
+) -> None:
     """Save test targets, top-1 predictions and top-k (k = min(5, K)) predictions.
 
     Args:
         logits_or_topk: either logits (N, K) or already-ranked class indices (N, k) as an integer tensor.
+        name: the file in ``run_dir`` (:data:`VAL_PREDICTIONS` for the validation split).
     """
     from mr2ft.io import save_tensors
 
@@ -312,7 +330,7 @@ def save_predictions(run_dir: Path, targets: torch.Tensor, logits_or_topk: torch
     else:
         topk = logits_or_topk[:, :k]
     save_tensors(
-        run_dir / PREDICTIONS,
+        run_dir / name,
         {"targets": targets.long().cpu(), "preds": topk[:, 0].long().cpu(), "topk": topk.long().cpu()},
     )
 

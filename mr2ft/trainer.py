@@ -1,5 +1,5 @@
-"""The fine-tune's training loop: :class:`Trainer` holds one run's objects (model, loss, loaders, optimizer,
-schedule, state) and runs them, step by step, with evaluation and checkpoints; :func:`build_optimizer`.
+"""The fine-tune's training loop: :class:`Trainer` holds one run's objects (model, loss, loaders, optimizer
+(:mod:`mr2ft.optim`), schedule, state) and runs them, step by step, with evaluation and checkpoints.
 
 Per micro-batch: forward (accelerate's autocast) -> loss (MR2 keeps its class statistics in float32 and gathers
 the global batch itself, so it is called on every process with the local batch; under gradient accumulation they
@@ -9,6 +9,13 @@ each epoch also measures the representation margin's gradient share (:func:`mr2f
 Every ``eval_every`` epochs: evaluation with exact per-class counts, a ``metrics.jsonl`` record and a checkpoint
 (:mod:`mr2ft.checkpoints`); only a validation split marks a best epoch. At the end: the reported model (best on
 validation, else the last), WiSE-FT if asked, the test predictions, class statistics and the report.
+
+Switches (issue 16): ``--grad-checkpointing``, ``--channels-last`` and ``--compile`` (in place, so checkpoints keep
+the plain model's keys) are applied to the model before Accelerate prepares it; ``--model-ema`` keeps a
+:class:`~mr2ft.classifier.WeightEma` stepped after each optimizer step, evaluated beside the raw weights (``"ema"`` in
+each ``metrics.jsonl`` record) and saved in every checkpoint (``ema.safetensors``), so resume restores it exactly.
+Trackers (``--report-to``) get the epoch's training means, lr and images/s, and each evaluation's figures
+(:func:`mr2ft.tracking.eval_scalars`); the live progress is :class:`mr2ft.tracking.StepProgress`.
 
 The job around it (settings, run folder, resume, console) is :mod:`mr2ft.finetune`.
 """
@@ -28,43 +35,29 @@ from torch.utils.data import DataLoader
 
 from mr2ft import checkpoints, runs
 from mr2ft.checkpoints import BEST, CHECKPOINTS, TrainState, model_tensors
-from mr2ft.classifier import Classifier, apply_wise, evaluate, init_zeroshot_head, rep_grad_share, weights_finite
+from mr2ft.classifier import (
+    Classifier,
+    WeightEma,
+    apply_wise,
+    enable_grad_checkpointing,
+    evaluate,
+    init_zeroshot_head,
+    rep_grad_share,
+    weights_finite,
+)
+from mr2ft.classnames import prompt_names, read_templates
 from mr2ft.config import FinetuneConfig
 from mr2ft.data.sampling import EpochShuffle, SeededTransform, _mix_seed
 from mr2ft.errors import UserError
 from mr2ft.io import append_jsonl, save_tensors, write_json
+from mr2ft.optim import build_optimizer
 from mr2ft.schedule import build_scheduler
+from mr2ft.tracking import StepProgress, Throughput, eval_scalars
 
 LOG_EVERY = 100  # optimizer steps between progress lines
+EMA = "ema.safetensors"  # the weight EMA in a checkpoint (--model-ema)
 # The config fields that set the loss (each loss takes those it uses).
 LOSS_SETTINGS = ("c_bar", "lambda_rep", "p", "momentum", "margin_mode", "temperature_factor")
-
-
-# ---- optimizer -----------------------------------------------------------------------------------------------------
-
-
-def build_optimizer(model: Classifier, bb: Any, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD over the backbone's parameter groups (layer-wise lr scales, no decay on norms and biases)
-    plus the head at lr scale 1. Each group's ``lr`` is ``cfg.lr * lr_scale``; the schedule multiplies it.
-
-    Raises:
-        RuntimeError: the groups miss or repeat a trainable parameter (a backbone bug, not a user error).
-    """
-    groups = [dict(g) for g in bb.param_groups(cfg.lr, cfg.weight_decay, layer_decay=cfg.layer_decay)]
-    groups.append({"params": [model.head.weight], "weight_decay": cfg.weight_decay, "lr_scale": 1.0})
-    groups.append({"params": [model.head.bias], "weight_decay": 0.0, "lr_scale": 1.0})
-    for g in groups:
-        g["params"] = list(g["params"])
-        g.setdefault("lr_scale", 1.0)
-        g["lr"] = cfg.lr * g["lr_scale"]
-    grouped = [id(p) for g in groups for p in g["params"]]
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    if len(grouped) != len(set(grouped)) or set(grouped) != trainable:
-        raise RuntimeError("parameter groups do not cover each trainable parameter exactly once")
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------------------
@@ -92,21 +85,11 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from mr2ft.backbones import load_backbone
-        from mr2ft.data import load_dataset
+        from mr2ft.data import load_dataset_for
 
         cfg, accelerator = self.cfg, self.accelerator
         set_seed(cfg.seed)
-        self.splits = splits = load_dataset(
-            cfg.dataset,
-            image_column=cfg.image_column,
-            label_column=cfg.label_column,
-            val_fraction=cfg.val_fraction,
-            seed=cfg.seed,
-            shots=cfg.shots,
-            max_per_class=cfg.max_per_class,
-            test_max_per_class=cfg.test_max_per_class,
-            skip_bad_images=cfg.skip_bad_images,
-        )
+        self.splits = splits = load_dataset_for(cfg)
         self.num_classes = k = splits.num_classes
         global_batch = cfg.batch_size * accelerator.num_processes
         if len(splits.train) < global_batch:
@@ -132,9 +115,19 @@ class Trainer:
         )
         model = Classifier(bb.model, bb.feature_dim, k)
         if cfg.head == "zeroshot":
-            init_zeroshot_head(model, bb, splits.class_names)
+            names = prompt_names(splits.class_names, cfg.class_names)
+            init_zeroshot_head(model, bb, names, templates=read_templates(cfg.templates))
         # The zero-shot end point of WiSE-FT: the loaded weights before any step (also on resume).
         self.zeroshot = model_tensors(model) if cfg.wise_alpha is not None else None
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(bb.model, f"{bb.family} {bb.name}")
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.ema = WeightEma(model, cfg.model_ema) if cfg.model_ema else None
+        if self.ema is not None:
+            self.ema.module.to(accelerator.device)
+        if cfg.compile:
+            model.backbone.compile()  # in place: the state_dict keys stay those of the plain model
         self.loss_fn = self._build_loss()
         # Under accumulation the loss's class statistics step once per optimizer step (see MR2Loss.accumulate).
         self.loss_step_end = getattr(self.loss_fn, "accumulate", lambda _step_end: None)
@@ -152,9 +145,11 @@ class Trainer:
             self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         # Our own scheduler, stepped once per optimizer step: accelerate's wrapper would step it once per
         # process, tying the schedule to the process count.
-        self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps, cfg.min_lr / cfg.lr)
         self.images_per_step = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
         self.step_seconds: list[float] = []  # of this call's optimizer steps (see FinetuneResult)
+        self.progress = StepProgress(self.console, self.total_steps, LOG_EVERY)
+        self.throughput = Throughput()
 
     def _build_loss(self) -> Any:
         from mr2ft.losses import WatchedLoss, build_loss, keeps_class_statistics
@@ -270,7 +265,9 @@ class Trainer:
             "backbone_fingerprint": str(self.bb.fingerprint),
             "dataset_fingerprint": str(self.splits.fingerprint),
         }
+        ema = {EMA: model_tensors(self.ema.module)} if self.ema is not None else {}
         return {
+            **ema,
             checkpoints.MODEL: model_tensors(accelerator.unwrap_model(self.model)),
             checkpoints.OPTIMIZER: self.optimizer.state_dict(),
             checkpoints.STATE: trainer_state,
@@ -289,7 +286,10 @@ class Trainer:
         optimizer = checkpoints.read(ckpt / checkpoints.OPTIMIZER)
         loss_state = checkpoints.read_loss_state(ckpt, rank, set(self.loss_fn.state_dict()))
         per_rank = checkpoints.read(ckpt / f"rank{rank}.pt")
+        ema = checkpoints.read(ckpt / EMA) if self.ema is not None else None
         try:
+            if ema is not None:
+                self.ema.module.load_state_dict(ema, strict=True)
             accelerator.unwrap_model(self.model).load_state_dict(weights, strict=True)
             self.optimizer.load_state_dict(optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
@@ -321,10 +321,17 @@ class Trainer:
         Returns:
             (stopped early by max_steps, images consumed, seconds spent in training steps).
         """
+        if self._reached_max_steps():
+            return True, 0, 0.0
+        self.progress.start(self.state.step)
+        try:
+            return self._epochs()
+        finally:
+            self.progress.stop()
+
+    def _epochs(self) -> tuple[bool, int, float]:
         cfg, accelerator, st = self.cfg, self.accelerator, self.state
         images, seconds = 0, 0.0
-        if self._reached_max_steps():
-            return True, images, seconds
         for epoch in range(st.epoch, cfg.epochs):
             if st.early_stopped:
                 break
@@ -343,14 +350,17 @@ class Trainer:
                 st.count += 1
                 st.batch += 1
                 images += x.shape[0] * accelerator.num_processes
+                self.throughput.add(x.shape[0] * accelerator.num_processes)
                 if not accelerator.sync_gradients:
                     continue
                 st.step += 1
+                if self.ema is not None:
+                    self.ema.update(accelerator.unwrap_model(self.model))
                 now = time.perf_counter()
                 self.step_seconds.append(now - last)
                 last = now
-                if self.main and st.step % LOG_EVERY == 0:
-                    self._log_progress(logged["loss"])
+                recent = statistics.median(self.step_seconds[-LOG_EVERY:])
+                self.progress.update(st.step, logged["loss"], self._lr(), self.images_per_step / recent)
                 due = cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0
                 if due or self.stop_requested or self._reached_max_steps():
                     seconds += time.perf_counter() - tick
@@ -368,6 +378,8 @@ class Trainer:
             train = {k: _mean_over_processes(accelerator, float(v), st.count) for k, v in sorted(sums.items())}
             share = None if st.grad_share is None else _mean_over_processes(accelerator, st.grad_share, 1)
             st.epoch, st.batch, st.sums, st.count, st.grad_share = epoch + 1, 0, {}, 0, None
+            scalars = {f"train/{k}": v for k, v in train.items()}
+            accelerator.log({**scalars, "train/lr": self._lr(), "train/images_per_s": self.throughput.read()}, st.step)
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 self._end_of_epoch(epoch, train, share)
         return False, images, seconds
@@ -378,6 +390,8 @@ class Trainer:
             self.loss_step_end(accelerator.sync_gradients)  # set on entering accumulate: last micro-batch or not
             if self.mixup is not None:
                 x, soft = self.mixup(x, y)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             logits, features = self.model(x)
             if self.mixup is not None:
                 loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -416,21 +430,19 @@ class Trainer:
     def _lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
 
-    def _log_progress(self, loss: torch.Tensor) -> None:
-        recent = statistics.median(self.step_seconds[-LOG_EVERY:])
-        self._log(
-            f"step {self.state.step}/{self.total_steps}  loss {loss.item():.4f}  lr {self._lr():.3g}  "
-            f"{self.images_per_step / recent:.1f} images/s"
-        )
-
     def _end_of_epoch(self, epoch: int, train: dict[str, float], share: float | None) -> None:
         """Evaluate, log a metrics.jsonl record, checkpoint; on validation, mark the best and maybe stop early."""
         from mr2ft.metrics import headline_figures, summarize
 
         st, cfg = self.state, self.cfg
-        targets, topk = evaluate(self.model, self.eval_dl, self.accelerator, self.num_classes)
+        loader = self.progress.wrap(self.eval_dl, f"evaluate on {self.eval_split}")
+        targets, topk = evaluate(self.model, loader, self.accelerator, self.num_classes)
         self.last_eval = (st.step, self.eval_split, targets, topk)
         summary = summarize(topk[:, 0], targets, self.num_classes, topk=topk)
+        stats = getattr(self.loss_fn, "class_stats", None)
+        gamma = stats().get("gamma") if callable(stats) else None
+        self.accelerator.log(eval_scalars(self.eval_split, summary, gamma), st.step)
+        ema = self._ema_figures(self.eval_dl, self.eval_split, st.step)
         metric = summary["top1"]
         improved = self.eval_split == "val" and (st.best_metric is None or metric > st.best_metric)
         if improved:  # test figures never choose: only a validation split has a best epoch
@@ -447,7 +459,10 @@ class Trainer:
                 "split": self.eval_split,
                 **headline_figures(summary),
                 "top5": summary["top5"],
+                **ema,
             }
+            if self.eval_split == "val":  # the study's groups come from ERM's per-class validation accuracy
+                record["per_class_accuracy"] = _none_for_nan(summary["per_class_accuracy"])
             append_jsonl(self.run_dir / runs.METRICS, record)
             self._log_epoch(epoch, train, summary, improved)
         self.save_checkpoint(metric)
@@ -465,6 +480,18 @@ class Trainer:
             f"epoch {epoch + 1}/{self.cfg.epochs}  step {self.state.step}  train loss {loss:.4f}  "
             f"{self.eval_split} top-1 {summary['top1']:.2f}  hard {hard:.2f}{extra}"
         )
+
+    def _ema_figures(self, loader: Any, split: str, step: int | None) -> dict:
+        """The weight EMA evaluated beside the raw weights: ``{"ema": headline figures}`` (``{}`` without one)."""
+        from mr2ft.metrics import headline_figures, summarize
+
+        if self.ema is None:
+            return {}
+        targets, topk = evaluate(self.ema.module, loader, self.accelerator, self.num_classes)
+        summary = summarize(topk[:, 0], targets, self.num_classes, topk=topk)
+        if step is not None:
+            self.accelerator.log(eval_scalars(f"{split}_ema", summary), step)
+        return {"ema": headline_figures(summary)}
 
     def _use_best_weights(self) -> tuple[str, int, int]:
         """Load the best-on-validation checkpoint's weights and loss state (when there is one and they are not the
@@ -502,8 +529,14 @@ class Trainer:
         else:
             targets, topk = evaluate(self.model, self.test_dl, accelerator, self.num_classes)
         summary = summarize(topk[:, 0], targets, self.num_classes, topk=topk)
+        ema = self._ema_figures(self.test_dl, "test", None)  # the EMA of the last step, on the test split
+        val = None
+        if self.eval_split == "val":  # the reported model on validation: `report --groups val` fixes groups on it
+            val = evaluate(self.model, self.eval_dl, accelerator, self.num_classes)
         if self.main:
             runs.save_predictions(self.run_dir, targets, topk, self.num_classes)
+            if val is not None:
+                runs.save_predictions(self.run_dir, *val, self.num_classes, name=runs.VAL_PREDICTIONS)
             class_stats = getattr(self.loss_fn, "class_stats", None)
             if callable(class_stats):
                 runs.save_class_stats(self.run_dir, class_stats())
@@ -514,7 +547,7 @@ class Trainer:
             record = {"final": True, "epoch": st.epochs_done, "step": st.step, "split": "test", "top1": summary["top1"]}
             record.update({"stopped_early": stopped_early, "early_stopped": st.early_stopped})
             record.update({"model": chosen, "model_epoch": chosen_epoch, "model_step": chosen_step})
-            record.update({"wise_alpha": cfg.wise_alpha, "finetuned_top1": finetuned})
+            record.update({"wise_alpha": cfg.wise_alpha, "finetuned_top1": finetuned, **ema})
             append_jsonl(self.run_dir / runs.METRICS, record)
             write_report(self.run_dir, cfg.baseline)
         self.final_model = (chosen, chosen_epoch)
@@ -536,6 +569,11 @@ def _loader_kwargs(cfg: FinetuneConfig, pin_memory: bool, salt: int) -> dict:
     if cfg.num_workers > 0:
         kwargs["persistent_workers"] = False  # workers must see each epoch's SeededTransform.epoch
     return kwargs
+
+
+def _none_for_nan(values: list[float]) -> list[float | None]:
+    """JSON has no NaN: a class without support gets None."""
+    return [None if math.isnan(v) else v for v in values]
 
 
 def _mean_over_processes(accelerator: Any, total: float, count: int) -> float:

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared device check, for a machine with a CUDA GPU: the GPU tests (bf16/fp16 autocast, multi-worker
-# loading) and GPU throughput of the probe and fine-tune benchmarks. Logs go to ${OUT:-gpu-check}/.
+# loading; a bf16 fine-tune with workers, --compile, --grad-checkpointing, --channels-last, --model-ema and a
+# TensorBoard tracker, stopped and resumed), GPU throughput of the probe and fine-tune benchmarks, and the speed and
+# memory switches' table (benchmarks/finetune_switches.py). Logs go to ${OUT:-gpu-check}/. (No FSDP run yet: the
+# checkpoints do not go through accelerator.save_state.)
 #   bash scripts/gpu_check.sh            (after `make setup`, or with PYTHON pointing at an environment with mr2ft)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,3 +18,5 @@ export PYTHONUNBUFFERED=1
     --per-class 64 --num-workers 8 --repeats 4 --mixed-precision bf16 2>&1 | tee "$out/finetune_throughput_gpu.txt"
 "$py" benchmarks/probe_cost.py --model resnet50 --size 224 --per-class 100 --batch 256 --workers 8 2>&1 \
     | tee "$out/probe_cost_gpu.txt"
+"$py" benchmarks/finetune_switches.py --device cuda --model vit_base_patch16_224 --batch-size 64 --steps 10 2>&1 \
+    | tee "$out/finetune_switches_gpu.txt"

@@ -70,3 +70,22 @@ def test_finetune_mixed_precision_with_workers(tmp_path, precision):
     stats = load_tensors(out / "class_stats.safetensors")
     assert stats["M"].dtype == torch.float32 and torch.isfinite(stats["M"]).all()
     assert json.loads((out / "report.json").read_text())["summary"]["num_images"] == 24
+
+
+def test_bf16_finetune_with_compile_grad_checkpointing_ema_and_tensorboard(tmp_path):
+    """The issue 16 switches together on the GPU: bf16, workers, compile, gradient checkpointing, channels_last,
+    weight EMA and a TensorBoard tracker; then --resume from a --max-steps stop finishes the run."""
+    tiny = write_tiny_checkpoint("timm-vit", tmp_path / "w")
+    images = make_image_folder(tmp_path / "img", num_classes=3, per_class=8, size=32)
+    out = tmp_path / "run"
+    args = ["finetune", "--backbone", "timm", "--model", tiny["model"], "--weights", tiny["weights"]]
+    args += ["--image-size", "32", "--dataset", str(images), "--loss", "mr2", "--batch-size", "6", "--epochs", "2"]
+    args += ["--num-workers", "2", "--mixed-precision", "bf16", "--compile", "--grad-checkpointing", "--channels-last"]
+    args += ["--model-ema", "0.9", "--report-to", "tensorboard", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--max-steps", "3"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    result = runner.invoke(app, ["finetune", "--resume", str(out), "--num-workers", "2"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["final"] and final["step"] == 8 and "top1" in final["ema"]
+    assert list(out.rglob("events.out.tfevents.*"))

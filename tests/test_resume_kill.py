@@ -89,12 +89,12 @@ def assert_same_as_reference(run_dir: Path, reference: Path) -> None:
     assert read_jsonl(reference / "metrics.jsonl") == read_jsonl(run_dir / "metrics.jsonl")
 
 
-def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(setup: dict) -> None:
+def kill_and_resume(flags: list[str], run_dir: Path, reference: Path) -> None:
+    """kill -9 a run at a random point after a random checkpoint, resume it, and compare it with ``reference``."""
     rng = random.Random()  # a different kill point each session; the message names it
     kill_after = rng.randint(1, EPOCHS * STEPS_PER_EPOCH - 3)
     delay = rng.uniform(0.0, 0.05)  # land anywhere inside the next step, checkpoint writes included
-    run_dir = setup["root"] / f"killed-{kill_after}"
-    proc = start(["finetune", *setup["flags"], "--out", str(run_dir)], setup["root"] / f"kill-{kill_after}.log")
+    proc = start(["finetune", *flags, "--out", str(run_dir)], run_dir.with_name(f"{run_dir.name}.log"))
     wait_for_checkpoint(proc, run_dir, kill_after)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
@@ -105,8 +105,24 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(setup: dict)
     resumed = mr2ft(["finetune", "--resume", str(run_dir)])
     assert resumed.returncode == 0, where + "\n" + resumed.stdout + resumed.stderr
     assert "resuming" in resumed.stdout, where
-    assert_same_as_reference(run_dir, setup["reference"])
+    assert_same_as_reference(run_dir, reference)
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), "a stale temporary checkpoint was left behind"
+
+
+def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(setup: dict) -> None:
+    kill_and_resume(setup["flags"], setup["root"] / "killed", setup["reference"])
+
+
+def test_sigkill_then_resume_stays_exact_with_weight_ema_and_compile(setup: dict) -> None:
+    flags = [*setup["flags"], "--model-ema", "0.9", "--compile"]
+    reference = setup["root"] / "reference-ema"
+    done = mr2ft(["finetune", *flags, "--out", str(reference)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = setup["root"] / "killed-ema"
+    kill_and_resume(flags, run_dir, reference)
+    a, b = (checkpoints.find_checkpoint(r)[1] / "ema.safetensors" for r in (reference, run_dir))
+    ea, eb = load_tensors(a), load_tensors(b)
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
