@@ -457,17 +457,7 @@ def write_probe_run(
         extra["rep_grad_share"] = result.rep_grad_share
     if cfg.loss == "ce":
         extra["temperature"] = result.knob
-    write_header(
-        run_dir,
-        final,
-        "probe",
-        data.splits.class_names,
-        extra=extra,
-        dataset=data.splits.name,
-        backbone=f"{bb.family}:{bb.name}",
-        margins_applied=uses_margins,
-        skipped_images=len(getattr(data.splits, "skipped", []) or []),
-    )
+    write_header(run_dir, final, "probe", data.splits, bb, extra=extra, margins_applied=uses_margins)
     save_predictions(run_dir, data.test.y, result.logits, K)
     if result.val_predictions is not None:
         save_predictions(run_dir, *result.val_predictions, K, name=VAL_PREDICTIONS)

@@ -23,6 +23,7 @@ def readme_commands() -> list[list[str]]:
     """Every ``mr2ft ...`` line of the README's bash blocks, as argv after ``mr2ft`` (comments dropped)."""
     commands = []
     for block in code_blocks("bash"):
+        block = re.sub(r"\\\n\s*", " ", block)  # a command continued over several lines is one command
         for line in block.splitlines():
             line = line.split("#", 1)[0].strip()
             words = shlex.split(line)

@@ -152,21 +152,17 @@ def load_dataset(
         image_column, label_column: the columns of a hub / ``save_to_disk`` dataset (detected when None).
         val_fraction: the fraction of each class of ``train`` held out (stratified): as ``val`` when the data has a
             test split, else as ``test``.
-        seed: seeds every random choice here (held-out validation split, training subsets) except the test images:
-            a test split carved from train and a ``test_max_per_class`` subset use :data:`TEST_SPLIT_SEED`, so runs
-            with different seeds are scored on the same test images.
+        seed: seeds every random choice here except the test images (:data:`TEST_SPLIT_SEED`).
         shots: exactly this many training images per class (error if a class has fewer).
         max_per_class: at most this many images per class in ``train`` and ``val``.
         test_max_per_class: at most this many images per class in ``test`` (for quick evaluations).
-        skip_bad_images: decode every image that will be used once now, and drop the ones that fail (and broken
-            links).
+        skip_bad_images: decode every image to be used now, and drop those that fail (and broken links).
         follow_links: inside class folders, also follow links to folders outside the dataset root.
         streaming: open an ``hf:`` dataset with ``streaming=True`` (read in order, nothing downloaded up front).
 
     Raises:
-        UserError: the spec cannot be read, a folder or class is empty, the data has fewer than two classes, the
-            test split has classes that train does not, an option is out of range, or the hub is needed but cannot
-            be reached.
+        UserError: an unreadable spec, an empty folder or class, fewer than two classes, test classes that train
+            lacks, an option out of range, or an unreachable hub.
     """
     spec = str(spec).strip()
     _check_options(spec, val_fraction, shots, max_per_class, test_max_per_class)
