@@ -279,26 +279,8 @@ def _check_vit(net: nn.Module, name: str) -> None:
 def _assemble(net: nn.Module, arch: str, name: str, source: str, identity: str, opts: Options) -> Backbone:
     pool = opts.pool or "cls"
     timm_family.set_pool(net, pool)
-    normalize = bool(opts.normalize)
     preprocess = _mae_preprocess(net, arch, opts.image_size)
-    layer_id, num_layers = timm_family.layer_ids(net)
-    return finish(
-        Backbone(
-            family="mae",
-            name=name,
-            model=FeatureModel(net, normalize=normalize),
-            feature_dim=int(net.num_features),
-            preprocess=preprocess,
-            source=source,
-            num_layers=num_layers,
-            normalize=normalize,
-            layer_id=layer_id,
-            no_weight_decay=timm_family.no_weight_decay(net),
-        ),
-        weights=identity,
-        pool=pool,
-        image_size=opts.image_size,
-    )
+    return timm_family.net_backbone("mae", name, net, preprocess, source, identity, opts, pool=pool)
 
 
 __all__ = ["DEFAULT_MODEL", "ViTMAEFeatures", "load"]

@@ -25,9 +25,7 @@ import torch
 from mr2ft.backbones import timm as timm_family
 from mr2ft.backbones.base import (
     Backbone,
-    FeatureModel,
     Preprocess,
-    finish,
     logger,
     parse_options,
 )
@@ -116,23 +114,7 @@ def load(model: str | None, weights: str | None, options: dict[str, Any]) -> Bac
         std=IMAGENET_DEFAULT_STD,
         interpolation="bilinear",
     )
-    normalize = bool(opts.normalize)
-    layer_id, num_layers = timm_family.layer_ids(net)
-    return finish(
-        Backbone(
-            family="mocov2",
-            name=name,
-            model=FeatureModel(net, normalize=normalize),
-            feature_dim=int(net.num_features),
-            preprocess=preprocess,
-            source=source,
-            num_layers=num_layers,
-            normalize=normalize,
-            layer_id=layer_id,
-        ),
-        weights=identity,
-        image_size=opts.image_size,
-    )
+    return timm_family.net_backbone("mocov2", name, net, preprocess, source, identity, opts)
 
 
 __all__ = ["DEFAULT_MODEL", "MOCO_V2_URL", "convert_moco_state_dict", "load"]

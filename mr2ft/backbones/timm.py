@@ -440,25 +440,44 @@ def load(model: str | None, weights: str | None, options: dict[str, Any]) -> Bac
     net = built.net
     set_pool(net, opts.pool)
     preprocess = preprocess_for(net, opts.image_size, built.known)
+    feature_dim = int(getattr(net, "num_features", 0) or _probe_dim(net, preprocess.input_size))
+    return net_backbone(
+        "timm", built.name, net, preprocess, built.source, built.identity, opts, feature_dim, pool=opts.pool
+    )
+
+
+def net_backbone(
+    family: str,
+    name: str,
+    net: nn.Module,
+    preprocess: Preprocess,
+    source: str,
+    identity: str,
+    opts: Options,
+    feature_dim: int | None = None,
+    **details: Any,
+) -> Backbone:
+    """A :class:`Backbone` around a timm network (the ``timm``, ``mae`` and ``mocov2`` families): its features
+    (L2-normalised if asked), layer ids for layer-wise lr decay and the names it lists as taking no weight decay;
+    ``details`` go into the fingerprint (see :func:`finish`)."""
     normalize = bool(opts.normalize)
     layer_id, num_layers = layer_ids(net)
-    feature_dim = int(getattr(net, "num_features", 0) or _probe_dim(net, preprocess.input_size))
     return finish(
         Backbone(
-            family="timm",
-            name=built.name,
+            family=family,
+            name=name,
             model=FeatureModel(net, normalize=normalize),
-            feature_dim=feature_dim,
+            feature_dim=int(feature_dim or net.num_features),
             preprocess=preprocess,
-            source=built.source,
+            source=source,
             num_layers=num_layers,
             normalize=normalize,
             layer_id=layer_id,
             no_weight_decay=no_weight_decay(net),
         ),
-        weights=built.identity,
-        pool=opts.pool,
+        weights=identity,
         image_size=opts.image_size,
+        **details,
     )
 
 
