@@ -348,6 +348,9 @@ def prepare(cfg: ProbeConfig, console: Console, need_val: bool | None = None) ->
     from mr2ft.backbones import load_backbone
     from mr2ft.data import load_dataset_for
 
+    need_val = sweeping(cfg) if need_val is None else need_val
+    # The data first: a wrong --dataset is reported before any weights are looked for (and in seconds).
+    splits = load_dataset_for(cfg, val_fraction=0.0 if need_val else cfg.val_fraction)
     options = {"normalize": cfg.normalize, "pool": cfg.pool, "image_size": cfg.image_size}
     bb = load_backbone(
         cfg.backbone, model=cfg.model, weights=cfg.weights, **{k: v for k, v in options.items() if v is not None}
@@ -356,8 +359,6 @@ def prepare(cfg: ProbeConfig, console: Console, need_val: bool | None = None) ->
         raise UserError(
             "p=2 on L2-normalised features gives every class the same margin; use --p 5 (the default) or --no-normalize"
         )
-    need_val = sweeping(cfg) if need_val is None else need_val
-    splits = load_dataset_for(cfg, val_fraction=0.0 if need_val else cfg.val_fraction)
     console.print(
         f"[bold]probe[/bold] {bb.family}:{bb.name} ({bb.source}) on {splits.name}: {splits.num_classes} classes, "
         f"{len(splits.train)} train / {len(splits.test)} test images; feature dim {bb.feature_dim}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -534,3 +535,26 @@ def test_a_probe_chosen_on_validation_saves_its_validation_predictions_and_repor
         )
     )
     assert not (tmp_path / "plain" / "val_predictions.safetensors").exists()  # nothing chosen on validation
+
+
+def test_a_two_class_probe_and_a_class_without_test_images_finish_with_their_report(tmp_path, cache):
+    two = make_image_folder(tmp_path / "two", num_classes=2, per_class=8, size=32)
+    out = tmp_path / "run2"
+    ok(probe("--dataset", str(two), "--cache-dir", str(cache), "--out", str(out)))  # an empty "medium" group
+    assert json.loads((out / "report.json").read_text())["summary"]["groups"]["medium"]["accuracy"] is None
+    three = make_image_folder(tmp_path / "three", num_classes=3, per_class=8, size=32)
+    shutil.rmtree(next(p for p in sorted((three / "test").iterdir())))  # one class has no test images
+    out = tmp_path / "run3"
+    ok(probe("--dataset", str(three), "--cache-dir", str(cache), "--out", str(out)))
+    assert (out / "report.md").is_file()
+
+
+def test_an_unknown_dataset_name_is_reported_before_any_weights_are_looked_for(tmp_path, cache, monkeypatch):
+    import mr2ft.backbones as backbones
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the dataset was checked")
+
+    monkeypatch.setattr(backbones, "load_backbone", no_backbone)
+    result = probe("--dataset", "cifar1000", "--cache-dir", str(cache), "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2 and "cifar1000" in result.output, result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import html
 import json
 import re
 import shutil
@@ -331,6 +332,8 @@ def test_cli_writes_the_study_folder_and_prints_the_verdict_and_the_rule(cli_stu
     assert "| ERM (matched control) |" in md and "| MR2 |" in md
     page = (out / "study.html").read_text()
     assert "ERM&#x27;s validation" in page and not re.search(r'(src|href)="https?:', page)
+    links = [html.unescape(h) for h in re.findall(r'href="([^"#]+)"', page)]
+    assert len(links) == 4 and all((out / link).is_file() for link in links), links  # every run's link opens a file
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == 3
     for data in images:

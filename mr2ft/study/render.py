@@ -29,6 +29,7 @@ from mr2ft.report.kit import (
     plot_label,
     png_base64,
 )
+from mr2ft.runs import REPORT_MD
 from mr2ft.study.analysis import LABELS, TABLE_FIGURES, comparison_key
 
 FILES = ("study.json", "study.md", "study.html")
@@ -323,7 +324,8 @@ def _html_runs_and_classes(study: dict) -> list[str]:
     )
     for r in study["runs"]:
         parts.append(
-            f'<tr><td><a href="{esc(r["dir"])}/">{esc(r["dir"])}</a></td><td class="n">{r["seed"]}</td>'
+            # each run folder holds report.md / report.json (HTML pages only for the study itself, to keep it quick)
+            f'<tr><td><a href="{esc(r["dir"])}/{REPORT_MD}">{esc(r["dir"])}</a></td><td class="n">{r["seed"]}</td>'
             f'<td class="n">{r["weight_decay"]:g}</td><td>{esc(r["knob_name"] or "-")}</td>'
             f'<td class="n">{_knob(r)}</td></tr>'
         )
