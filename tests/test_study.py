@@ -466,7 +466,7 @@ def test_finetune_study_refuses_a_test_set_that_moves_with_the_seed_before_train
     import mr2ft.data
     from mr2ft import finetune
 
-    def fake_load(dataset, seed=0, **_):
+    def fake_load(settings, seed=0, **_):
         return SimpleNamespace(
             class_names=["a", "b"],
             split_fingerprint=lambda name: f"{name}-{seed}",
@@ -476,7 +476,7 @@ def test_finetune_study_refuses_a_test_set_that_moves_with_the_seed_before_train
     def no_training(cfg):
         raise AssertionError("a fine-tune started")
 
-    monkeypatch.setattr(mr2ft.data, "load_dataset", fake_load)
+    monkeypatch.setattr(mr2ft.data, "load_dataset_for", fake_load)
     monkeypatch.setattr(finetune, "run", no_training)
     cfg, ft = study.study_configs(None, mode="finetune", dataset="x", seeds=2, out=str(tmp_path / "s"))
     with pytest.raises(UserError, match="tests on other images"):
