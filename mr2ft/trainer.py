@@ -46,7 +46,7 @@ from mr2ft.classifier import (
     weights_finite,
 )
 from mr2ft.classnames import prompt_names, read_templates
-from mr2ft.config import FinetuneConfig
+from mr2ft.config import FinetuneConfig, replace, resolve_lr
 from mr2ft.data.sampling import EpochShuffle, SeededTransform, _mix_seed
 from mr2ft.errors import UserError
 from mr2ft.io import append_jsonl, save_tensors, write_json
@@ -67,6 +67,9 @@ class Trainer:
     """One fine-tune's objects and the loop over them. Built by :func:`run`; not meant to be subclassed."""
 
     def __init__(self, cfg: FinetuneConfig, accelerator: Any, run_dir: Path) -> None:
+        if cfg.blr is not None:  # MAE's rule, now that the number of processes is known; the run's config records it
+            effective = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
+            cfg = replace(cfg, lr=resolve_lr(cfg.lr, cfg.blr, effective))
         self.cfg = cfg
         self.accelerator = accelerator
         self.run_dir = run_dir

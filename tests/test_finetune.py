@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from _images import make_image_folder
 from _models import load_tiny, write_tiny_checkpoint
 from typer.testing import CliRunner
@@ -706,3 +707,13 @@ def test_accelerate_launch_two_processes_share_statistics_and_count_exactly(mode
     assert [r["epoch"] for r in records] == [1, 2]
     config = (out / "config.yaml").read_text()
     assert "effective_batch_size: 6" in config
+
+
+def test_blr_sets_the_lr_by_maes_rule_from_the_effective_batch(images: Path, models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    flags = [*model_flags("timm", models), "--loss", "ce"]
+    ok(finetune_args(out, images, flags, "--blr", "0.0128", "--grad-accum", "2"))
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["lr"] == pytest.approx(0.0128 * 6 * 1 * 2 / 256) and cfg["blr"] == 0.0128  # batch 6 x 1 process x 2
+    lrs = [r["lr"] for r in read_jsonl(out / "metrics.jsonl") if "lr" in r]
+    assert lrs and max(lrs) <= cfg["lr"] * (1 + 1e-9)
