@@ -19,17 +19,36 @@ from torch import nn
 from mr2ft.errors import UserError
 
 
+class CosineHead(nn.Module):
+    """A cosine classifier (LDAM-DRW's ``NormedLinear``): normalised features times normalised weights, no bias.
+    The state dict holds ``weight`` alone, which is how a saved fine-tune tells this head from a linear one."""
+
+    cosine = True
+
+    def __init__(self, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, feature_dim).uniform_(-1, 1) / math.sqrt(feature_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(features, dim=-1) @ nn.functional.normalize(self.weight, dim=-1).T
+
+
+def make_head(feature_dim: int, num_classes: int, cosine: bool = False) -> nn.Module:
+    """The fine-tune's head: linear, or cosine (LDAM, whose scale s multiplies cosine logits)."""
+    return CosineHead(feature_dim, num_classes) if cosine else nn.Linear(feature_dim, num_classes)
+
+
 class Classifier(nn.Module):
-    """A backbone plus a linear head; ``forward`` returns ``(logits, features)``.
+    """A backbone plus a head (linear; cosine for LDAM); ``forward`` returns ``(logits, features)``.
 
     ``features`` is the head's input and what MR2 measures: the backbone's output, which the backbone already
     L2-normalises when ``bb.normalize`` is on (CLIP).
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, cosine: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.head = make_head(feature_dim, num_classes, cosine)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(images)

@@ -30,6 +30,7 @@ from rich.console import Console
 from torch import nn
 
 from mr2ft import runs
+from mr2ft.classifier import make_head
 from mr2ft.classnames import read_name_file, rename_classes
 from mr2ft.data import split_fingerprint as data_split_fingerprint
 from mr2ft.errors import UserError
@@ -177,7 +178,7 @@ def load_trained(run_dir: str | Path) -> TrainedModel:
     if kind == "finetune":
         path = final_weights(run_dir)
         tensors = load_tensors(path)
-        head = nn.Linear(bb.feature_dim, len(names))
+        head = make_head(bb.feature_dim, len(names), cosine="head.bias" not in tensors)  # LDAM's head has no bias
         _checked_load(bb.model, {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}, path)
         _checked_load(head, {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}, path)
         st = path.stat()

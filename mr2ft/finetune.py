@@ -120,6 +120,8 @@ def validate(cfg: FinetuneConfig) -> None:
             raise UserError(f"--wise-alpha must be in [0, 1] (0: zero-shot, 1: fine-tuned), got {cfg.wise_alpha}")
         if cfg.head != "zeroshot":
             raise UserError("--wise-alpha interpolates towards the zero-shot model: it needs --head zeroshot (CLIP)")
+    if cfg.head == "zeroshot" and cfg.loss == "ldam":
+        raise UserError("LDAM trains a cosine head, which CLIP's zero-shot head cannot start: drop --head zeroshot")
     if (cfg.templates or cfg.class_names) and cfg.head != "zeroshot":
         raise UserError("--templates and --class-names shape CLIP's zero-shot head: they need --head zeroshot")
     if cfg.min_lr > cfg.lr:

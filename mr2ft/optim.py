@@ -45,7 +45,8 @@ def build_optimizer(model: Any, bb: Any, cfg: Any) -> torch.optim.Optimizer:
 
     groups = [dict(g) for g in bb.param_groups(cfg.lr, cfg.weight_decay, layer_decay=cfg.layer_decay)]
     groups.append({"params": [model.head.weight], "weight_decay": cfg.weight_decay, "lr_scale": 1.0})
-    groups.append({"params": [model.head.bias], "weight_decay": 0.0, "lr_scale": 1.0})
+    bias = getattr(model.head, "bias", None)  # a cosine (LDAM) head has none
+    groups.append({"params": [] if bias is None else [bias], "weight_decay": 0.0, "lr_scale": 1.0})
     for g in groups:
         g["params"] = list(g["params"])
         g.setdefault("lr_scale", 1.0)

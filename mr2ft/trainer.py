@@ -116,7 +116,7 @@ class Trainer:
         self.bb = bb = load_backbone(
             cfg.backbone, cfg.model, cfg.weights, **{k_: v for k_, v in options.items() if v is not None}
         )
-        model = Classifier(bb.model, bb.feature_dim, k)
+        model = Classifier(bb.model, bb.feature_dim, k, cosine=cfg.loss == "ldam")  # LDAM-DRW's normalised head
         if cfg.head == "zeroshot":
             names = prompt_names(splits.class_names, cfg.class_names)
             init_zeroshot_head(model, bb, names, templates=read_templates(cfg.templates))
@@ -235,6 +235,9 @@ class Trainer:
             "mixed_precision": accelerator.mixed_precision,
             "train_images": len(self.splits.train),
             "eval_split": self.eval_split,
+            "classifier": "cosine (normalised features and weights, no bias; LDAM's s scales cosine logits)"
+            if cfg.loss == "ldam"
+            else "linear",
         }
 
     # -- checkpoints (the format and policy live in mr2ft.checkpoints) --

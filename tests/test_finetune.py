@@ -717,3 +717,20 @@ def test_blr_sets_the_lr_by_maes_rule_from_the_effective_batch(images: Path, mod
     assert cfg["lr"] == pytest.approx(0.0128 * 6 * 1 * 2 / 256) and cfg["blr"] == 0.0128  # batch 6 x 1 process x 2
     lrs = [r["lr"] for r in read_jsonl(out / "metrics.jsonl") if "lr" in r]
     assert lrs and max(lrs) <= cfg["lr"] * (1 + 1e-9)
+
+
+def test_ldam_fine_tunes_a_cosine_head_that_eval_rebuilds_and_export_refuses(
+    images: Path, models: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ldam"
+    ok(finetune_args(out, images, [*model_flags("timm", models), "--loss", "ldam"]))
+    assert "cosine" in (out / "config.yaml").read_text()  # the run says which classifier LDAM used
+    final = sorted((out / "checkpoints").glob("ckpt-*"))[-1] / "model.safetensors"
+    tensors = load_tensors(final)
+    assert "head.weight" in tensors and "head.bias" not in tensors
+    ev = tmp_path / "eval"
+    ok(["eval", str(out), "--dataset", str(images), "--out", str(ev), "--num-workers", "0"])
+    a, b = load_tensors(out / "predictions.safetensors"), load_tensors(ev / "predictions.safetensors")
+    assert torch.equal(a["preds"], b["preds"])  # the cosine head is rebuilt from the checkpoint as trained
+    line = error_line(invoke(["export", str(out), "--format", "timm", "--out", str(tmp_path / "x")]))
+    assert "cosine" in line and not (tmp_path / "x").exists()
