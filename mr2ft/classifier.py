@@ -1,10 +1,10 @@
 """The fine-tuned model and what is done with it outside the training step.
 
-Owns: :class:`Classifier` (a backbone plus a linear head, returning logits and the features MR2 measures), CLIP's
+Owns: :class:`Classifier` (a backbone plus a linear head, or a cosine one for LDAM, returning logits and the features MR2 measures), CLIP's
 zero-shot head initialisation, ranked top-k evaluation over a prepared loader, WiSE-FT weight interpolation, and the
 representation margin's gradient share (:func:`rep_grad_share`), gradient checkpointing
-(:func:`enable_grad_checkpointing`) and the weight EMA (:class:`WeightEma`). Library level: torch and
-:mod:`mr2ft.errors`.
+(:func:`enable_grad_checkpointing`) and the weight EMA (:class:`WeightEma`). Library level: torch,
+:mod:`mr2ft.errors` and :mod:`mr2ft.heads`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mr2ft.errors import UserError
+from mr2ft.heads import cosine_logits
 
 
 class CosineHead(nn.Module):
@@ -30,7 +31,7 @@ class CosineHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, feature_dim).uniform_(-1, 1) / math.sqrt(feature_dim))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(features, dim=-1) @ nn.functional.normalize(self.weight, dim=-1).T
+        return cosine_logits(features, self.weight)
 
 
 def make_head(feature_dim: int, num_classes: int, cosine: bool = False) -> nn.Module:

@@ -12,6 +12,11 @@ from mr2ft.errors import UserError
 HEADS = ("linear", "bn_linear", "zeroshot", "cosine")
 
 
+def cosine_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """LDAM-DRW's ``NormedLinear``: normalised features times normalised class weights (cosines in [-1, 1])."""
+    return F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).T
+
+
 class LinearHead(nn.Module):
     """``Linear(d, K)``, optionally after ``BatchNorm1d(d, affine=False)``; or a cosine classifier.
 
@@ -37,7 +42,7 @@ class LinearHead(nn.Module):
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         if self.cosine:
-            return F.normalize(z, dim=1) @ F.normalize(self.fc.weight, dim=1).T
+            return cosine_logits(z, self.fc.weight)
         return self.fc(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -188,23 +188,19 @@ def test_sweep_criterion_hard(images, cache, tmp_path):
     assert _chosen(out)["c_bar"] == expected["knob"]
 
 
-def test_groups_come_from_a_baseline_run(images, cache, tmp_path):
-    base, run = tmp_path / "ce", tmp_path / "mr2"
+@pytest.fixture(scope="module")
+def baseline_pair(images, cache, tmp_path_factory) -> tuple[Path, Path]:
+    """A default CE probe and an MR2 probe that takes it as its baseline (shared by the tests that read them)."""
+    folder = tmp_path_factory.mktemp("pair")
+    base, run = folder / "ce", folder / "mr2"
     ok(probe("--dataset", str(images), "--loss", "ce", "--cache-dir", str(cache), "--out", str(base)))
-    ok(
-        probe(
-            "--dataset",
-            str(images),
-            "--loss",
-            "mr2",
-            "--cache-dir",
-            str(cache),
-            "--out",
-            str(run),
-            "--baseline",
-            str(base),
-        )
-    )
+    common = ["--dataset", str(images), "--loss", "mr2", "--cache-dir", str(cache), "--out", str(run)]
+    ok(probe(*common, "--baseline", str(base)))
+    return base, run
+
+
+def test_groups_come_from_a_baseline_run(baseline_pair):
+    base, run = baseline_pair
     b = json.loads((base / "report.json").read_text())
     r = json.loads((run / "report.json").read_text())
     assert [c["group"] for c in r["per_class"]] == [c["group"] for c in b["per_class"]]
@@ -495,46 +491,20 @@ def test_rep_grad_share_is_recorded_and_scales_with_lambda(images, cache, tmp_pa
 
 
 def test_a_probe_chosen_on_validation_saves_its_validation_predictions_and_reports_group_by_them(
-    images, cache, tmp_path
+    baseline_pair, images, cache, tmp_path
 ):
-    base, run = tmp_path / "ce", tmp_path / "mr2"
-    ok(probe("--dataset", str(images), "--loss", "ce", "--cache-dir", str(cache), "--out", str(base)))
+    base, run = baseline_pair
     val = load_tensors(base / "val_predictions.safetensors")
     records = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
     chosen = _chosen(base)
     best = next(r for r in records if r.get("stage") == "sweep" and r["weight_decay"] == chosen["weight_decay"])
     # the saved predictions are the chosen head's on validation: their accuracy is the one the sweep logged
     assert float((val["preds"] == val["targets"]).double().mean() * 100) == pytest.approx(best["val_overall"])
-    ok(
-        probe(
-            "--dataset",
-            str(images),
-            "--loss",
-            "mr2",
-            "--cache-dir",
-            str(cache),
-            "--out",
-            str(run),
-            "--baseline",
-            str(base),
-        )
-    )
     r = json.loads((run / "report.json").read_text())
     assert r["grouping"]["method"] == "val" and r["grouping"]["selection_bias"] is False
-    ok(
-        probe(
-            "--dataset",
-            str(images),
-            "--loss",
-            "ce",
-            "--no-sweep-wd",
-            "--cache-dir",
-            str(cache),
-            "--out",
-            str(tmp_path / "plain"),
-        )
-    )
-    assert not (tmp_path / "plain" / "val_predictions.safetensors").exists()  # nothing chosen on validation
+    plain = tmp_path / "plain"
+    ok(probe("--dataset", str(images), "--loss", "ce", "--no-sweep-wd", "--cache-dir", str(cache), "--out", str(plain)))
+    assert not (plain / "val_predictions.safetensors").exists()  # nothing chosen on validation
 
 
 def test_a_two_class_probe_and_a_class_without_test_images_finish_with_their_report(tmp_path, cache):
