@@ -1,9 +1,9 @@
 """The fine-tuned model and what is done with it outside the training step.
 
-Owns: :class:`Classifier` (a backbone plus a linear head, or a cosine one for LDAM, returning logits and the features MR2 measures), CLIP's
-zero-shot head initialisation, ranked top-k evaluation over a prepared loader, WiSE-FT weight interpolation, and the
-representation margin's gradient share (:func:`rep_grad_share`), gradient checkpointing
-(:func:`enable_grad_checkpointing`) and the weight EMA (:class:`WeightEma`). Library level: torch,
+Owns: :class:`Classifier` (a backbone plus a linear head, or a cosine one for LDAM, returning logits and the
+features MR2 measures), CLIP's zero-shot head initialisation, ranked top-k evaluation over a prepared loader,
+WiSE-FT weight interpolation, and the representation margin's gradient share (:func:`rep_grad_share`), gradient
+checkpointing (:func:`enable_grad_checkpointing`) and the weight EMA (:class:`WeightEma`). Library level: torch,
 :mod:`mr2ft.errors` and :mod:`mr2ft.heads`.
 """
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from mr2ft.config import ProbeConfig, resolve_lr
 from mr2ft.errors import UserError
 from mr2ft.heads import LinearHead, build_head, from_standard_coordinates, to_standard_coordinates
-from mr2ft.io import append_jsonl
+from mr2ft.io import log_record
 from mr2ft.schedule import lr_factor
 
 SCHEDULES = ("plateau", "cosine", "step")
@@ -193,7 +193,7 @@ def train_steps(
                 epoch = t / plan.steps_per_epoch
                 if log_to is not None:
                     rec = {"stage": tag, "epoch": int(epoch) if epoch.is_integer() else round(epoch, 3), "step": t}
-                    append_jsonl(log_to, {**rec, "train_loss": obj, "lr": base[0] * f})
+                    log_record(log_to, {**rec, "train_loss": obj, "lr": base[0] * f})
                 if plan.schedule == "plateau" and t >= plan.warmup:
                     if ref is not None and ref - obj < plan.tol * abs(ref):
                         if decays == PLATEAU_DECAYS:
@@ -207,7 +207,7 @@ def train_steps(
     converged = None if plan.schedule != "plateau" else done.startswith("the training objective")
     stopped = Stopped(plan.schedule, t, round(t / plan.steps_per_epoch, 3), obj, converged, done)
     if log_to is not None:
-        append_jsonl(log_to, {"stage": tag, "event": "stopped", **stopped.record()})
+        log_record(log_to, {"stage": tag, "event": "stopped", **stopped.record()})
     return stopped
 
 

@@ -19,7 +19,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,17 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, default=_json_default) + "\n")
         fh.flush()
+
+
+def log_record(log_to: str | os.PathLike | Callable[[dict], None] | None, record: dict) -> None:
+    """Send one metrics record where ``log_to`` says: a JSONL file (appended), a callable (e.g. one that also logs to
+    experiment trackers, :mod:`mr2ft.tracking`) or nowhere (``None``)."""
+    if log_to is None:
+        return
+    if callable(log_to):
+        log_to(record)
+    else:
+        append_jsonl(log_to, record)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

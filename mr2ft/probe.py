@@ -35,7 +35,7 @@ from mr2ft.headfit import (
     standardize,
 )
 from mr2ft.heads import HEADS, LinearHead
-from mr2ft.io import append_jsonl, state_checksum
+from mr2ft.io import log_record, state_checksum
 from mr2ft.losses import LOSSES, build_loss, keeps_class_statistics
 from mr2ft.report.kit import fmt_num
 from mr2ft.runs import (
@@ -268,7 +268,7 @@ def choose(
             rec.update(steps=f.stopped.steps, converged=f.stopped.converged)
             records.append(rec)
             if log_to is not None:
-                append_jsonl(log_to, rec)
+                log_record(log_to, rec)
             key = (s[cfg.sweep_criterion], s["overall"])
             if best_key is None or key > best_key:
                 best, best_key, best_val = (wd, knob), key, (val.y, val_logits)
@@ -418,7 +418,7 @@ def fit_probe(
     if f.loss is not None and keeps_class_statistics(cfg.loss):
         share = rep_grad_share(f.head, f.loss, train, cfg.lambda_rep, plan_for(cfg, len(train.y)).batch, cfg.seed)
         if log_to is not None and share is not None:
-            append_jsonl(log_to, {"stage": "final", "rep_grad_share": share, "lambda_rep": cfg.lambda_rep})
+            log_record(log_to, {"stage": "final", "rep_grad_share": share, "lambda_rep": cfg.lambda_rep})
     if console is not None:
         s = f.stopped
         state = {True: "converged", False: "NOT converged", None: "fixed budget"}[s.converged]
