@@ -65,6 +65,7 @@ OUT_OPT = typer.Option(None, "--out", help="Run folder (default runs/<backbone>-
 OVERWRITE_OPT = typer.Option(None, "--overwrite", help="Replace an existing run folder.")
 P_OPT = typer.Option(None, "--p", help="Norm of MR2's class statistics (default 2; 5 when normalised).")
 POOL_OPT = typer.Option(None, "--pool", help="ViT pooling: cls or mean.")
+REPORT_TO_OPT = typer.Option(None, "--report-to", help="Trackers, comma-separated: tensorboard, wandb, mlflow, ...")
 SEED_OPT = typer.Option(None, "--seed", help="Seed of every random choice.")
 SHOTS_OPT = typer.Option(None, "--shots", help="Exactly K training images per class.")
 SKIP_BAD_IMAGES_OPT = typer.Option(
@@ -132,6 +133,7 @@ def probe_command(
     num_workers: int | None = NUM_WORKERS_OPT,
     extract_batch_size: int | None = EXTRACT_BATCH_SIZE_OPT,
     cache_dir: str | None = CACHE_DIR_OPT,
+    feature_memory: str | None = typer.Option(None, "--feature-memory", help="memory, stream (the store) or auto."),
     streaming: bool | None = typer.Option(
         None, "--streaming/--no-streaming", help="Stream an hf: dataset (read in order, not downloaded up front)."
     ),
@@ -147,6 +149,7 @@ def probe_command(
     baseline: str | None = BASELINE_OPT,
     out: str | None = OUT_OPT,
     overwrite: bool | None = OVERWRITE_OPT,
+    report_to: str | None = REPORT_TO_OPT,
     recipe: str | None = typer.Option(None, "--recipe", help="Recipe name or YAML path; flags override it."),
 ) -> None:
     """Linear probe on cached features of a frozen backbone, with MR2 or any baseline loss."""
@@ -203,9 +206,6 @@ FT_GRAD_CHECKPOINTING_OPT = typer.Option(
 )
 FT_CHANNELS_LAST_OPT = typer.Option(
     None, "--channels-last/--no-channels-last", help="channels_last memory format (faster convs on GPU)."
-)
-FT_REPORT_TO_OPT = typer.Option(
-    None, "--report-to", help="Experiment trackers, comma-separated: tensorboard, wandb, mlflow, ..."
 )
 
 
@@ -265,7 +265,7 @@ def finetune_command(
     grad_checkpointing: bool | None = FT_GRAD_CHECKPOINTING_OPT,
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the backbone."),
     channels_last: bool | None = FT_CHANNELS_LAST_OPT,
-    report_to: str | None = FT_REPORT_TO_OPT,
+    report_to: str | None = REPORT_TO_OPT,
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate (and checkpoint) every N epochs."),
     early_stop: int | None = FT_EARLY_STOP_OPT,

@@ -226,6 +226,7 @@ class ProbeConfig(CommonConfig):
     head: str = "linear"  # linear | bn_linear | zeroshot | cosine (LDAM always gets a cosine classifier)
     cache_dir: str | None = None
     extract_batch_size: int = 64
+    feature_memory: str = "auto"  # memory | stream (the head reads the chunked feature store) | auto: stream if large
     streaming: bool = False  # hf: datasets opened with load_dataset(..., streaming=True)
     # The head trains until its training loss stops improving unless epochs is set (mr2ft.probe, "Training a head").
     epochs: int | None = None
@@ -247,6 +248,7 @@ class ProbeConfig(CommonConfig):
     lff_q: float = 0.7
     baseline: str | None = None
     templates: str = "default"
+    report_to: str | None = None  # comma-separated Accelerate trackers: tensorboard, wandb, mlflow, ...
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,8 @@ class FinetuneConfig(CommonConfig):
     min_lr: float = 0.0  # floor of the cosine schedule
 
 
-# Probe settings a study sets itself per method (loss, sweeps, baseline) or never uses (the JTT/LfF knobs).
+# Probe settings a study sets itself per method (loss, sweeps, baseline) or never uses (the JTT/LfF knobs, the
+# trackers: a study's probes log to metrics.jsonl only).
 STUDY_SETS_ITSELF = (
     "loss",
     "sweep_wd",
@@ -295,6 +298,7 @@ STUDY_SETS_ITSELF = (
     "jtt_upweight",
     "jtt_epochs",
     "lff_q",
+    "report_to",
 )
 _STUDY_OWN = (
     ("mode", str, "probe"),  # probe | finetune

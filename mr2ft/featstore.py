@@ -9,7 +9,7 @@ Reading: :class:`StoredFeatures` opens an entry (its index through safetensors `
 chunk at a time (the chunk's tensor is a view of the mapped safetensors file, :func:`torch.from_file`), so
 a split larger than memory can be sliced, streamed in shuffled batches (:meth:`StoredFeatures.batches`) and
 summarised in one pass (:meth:`StoredFeatures.moments`); :meth:`StoredFeatures.load` gives the in-memory tensors
-for data that fits (:func:`fits_in_memory` decides).
+for data that fits (:func:`fits_in_memory` decides). The probe reads a store through :mod:`mr2ft.featrows`.
 """
 
 from __future__ import annotations
@@ -193,6 +193,21 @@ class StoredFeatures:
             log.warning("feature cache entry %s does not match its key or the data; rebuilding it", index)
             return None
         return cls(index, meta, targets, inline)
+
+    @classmethod
+    def in_memory(cls, features: torch.Tensor, targets: torch.Tensor) -> StoredFeatures:
+        """Features already in memory, behind the same interface (an entry of one inline chunk, not on disk)."""
+        return cls(Path(), {"rows": str(len(targets))}, targets, features)
+
+    def verify(self) -> bool:
+        """Whether every chunk file belongs to this entry and has its shape (reads headers only, no features)."""
+        try:
+            for i in range(self.n_chunks):
+                self.chunk(i)
+        except (ValueError, OSError, KeyError, RuntimeError) as e:
+            log.warning("feature cache entry %s has a damaged chunk (%s); rebuilding it", self.index, e)
+            return False
+        return True
 
     def __len__(self) -> int:
         return self.rows

@@ -7,12 +7,13 @@ fingerprint each image's size, mtime, inode and ctime, so a file replaced in pla
 own key and shape; an entry that does not match its key (a truncated file) is detected and rebuilt. Opening the cache
 deletes the temporary files that a killed write left in it. Entries are written in chunks (:mod:`mr2ft.featstore`).
 
-Under ``accelerate launch`` (or ``torchrun``) :func:`cached_features` splits every split into contiguous row ranges,
-one per process, aligned to whole extraction batches so that every batch holds the same images as in a one-process
-run (hence bit-identical features); each process writes its range as shard files ``<key>.parts/<start>-<end>`` in
-pieces, atomically; the main process assembles them in dataset order into the entry and deletes the parts. A killed
-extraction leaves only shard files, no entry; the next run (with any number of processes) extracts only the rows no
-shard file covers. One process extracting more than one chunk of rows writes such pieces too, so it resumes as well.
+Under ``accelerate launch`` (or ``torchrun``) :func:`stored_features` (and :func:`cached_features`, which loads its
+result into memory) splits every split into contiguous row ranges, one per process, aligned to whole extraction
+batches so that every batch holds the same images as in a one-process run (hence bit-identical features); each
+process writes its range as shard files ``<key>.parts/<start>-<end>`` in pieces, atomically; the main process
+assembles them in dataset order into the entry and deletes the parts. A killed extraction leaves only shard files, no
+entry; the next run (with any number of processes) extracts only the rows no shard file covers. One process
+extracting more than one chunk of rows writes such pieces too, so it resumes as well.
 """
 
 from __future__ import annotations
@@ -28,13 +29,22 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Subset
 
+from mr2ft import featstore
 from mr2ft.errors import UserError
-from mr2ft.featstore import CACHE_FORMAT, CHUNK_ROWS, ChunkWriter, StoredFeatures, write_entry
+from mr2ft.featstore import CACHE_FORMAT, ChunkWriter, StoredFeatures, write_entry
 from mr2ft.io import remove_stale_temp_files, save_tensors
 
 log = logging.getLogger("mr2ft")
 
-__all__ = ["CACHE_FORMAT", "FeatureCache", "cache_key", "cached_features", "extract_features", "launch_state"]
+__all__ = [
+    "CACHE_FORMAT",
+    "FeatureCache",
+    "cache_key",
+    "cached_features",
+    "extract_features",
+    "launch_state",
+    "stored_features",
+]
 
 
 def default_cache_dir() -> Path:
@@ -116,17 +126,17 @@ class FeatureCache:
     Args:
         root: the cache folder (``--cache-dir``); ``None`` means :func:`default_cache_dir`.
         stale_after_s: a temporary file older than this is deleted on open even if its writer may still run.
-        chunk_rows: rows per chunk file of a new entry.
+        chunk_rows: rows per chunk file of a new entry (default :data:`mr2ft.featstore.CHUNK_ROWS`).
 
     Raises:
         UserError: the folder cannot be created or written (a file, read-only, a name too long).
     """
 
     def __init__(
-        self, root: str | os.PathLike | None = None, stale_after_s: float = 3600.0, chunk_rows: int = CHUNK_ROWS
+        self, root: str | os.PathLike | None = None, stale_after_s: float = 3600.0, chunk_rows: int | None = None
     ) -> None:
         self.root = Path(root) if root else default_cache_dir()
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = chunk_rows or featstore.CHUNK_ROWS
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             if not os.access(self.root, os.W_OK | os.X_OK):
@@ -152,8 +162,10 @@ class FeatureCache:
         return self.root / key[:2] / f"{key}.parts"
 
     def open(self, key: str, expected_rows: int | None = None) -> StoredFeatures | None:
-        """The entry for ``key`` opened for chunked reading, or ``None`` when absent or not valid for the key."""
-        return StoredFeatures.open(self.path(key), key, expected_rows)
+        """The entry for ``key`` opened for chunked reading, or ``None`` when absent or not valid for the key (or a
+        chunk's header is damaged)."""
+        stored = StoredFeatures.open(self.path(key), key, expected_rows)
+        return stored if stored is not None and stored.verify() else None
 
     def load(self, key: str, expected_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The cached (features, targets) for ``key`` in memory, or ``None`` when absent or not valid for the key."""
@@ -261,7 +273,7 @@ def _barrier_and_agree(world: int, value: bool) -> tuple[Callable[[], None], boo
     return dist.barrier, bool(box[0])
 
 
-def cached_features(
+def stored_features(
     cache: FeatureCache,
     key: str,
     model: torch.nn.Module,
@@ -272,12 +284,14 @@ def cached_features(
     description: str = "features",
     progress: bool = True,
     info: dict[str, str] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One split's (features, targets): from the cache when valid, else extracted by every process of the launch on
-    its own rows and cached once. Returns them on the main process and ``None`` on the others."""
+) -> StoredFeatures | None:
+    """One split's features as an opened store entry, nothing read but its targets: from the cache when valid, else
+    extracted by every process of the launch on its own rows and cached once. Returns it on the main process and
+    ``None`` on the others. A split of at most one chunk extracted by one process comes back as the tensors just
+    computed (:meth:`StoredFeatures.in_memory`)."""
     rank, world, device = launch_state()
     rows = len(dataset)
-    hit = cache.load(key, expected_rows=rows) if rank == 0 else None
+    hit = cache.open(key, expected_rows=rows) if rank == 0 else None
     parts = cache.parts(key)
     barrier, have_it = _barrier_and_agree(world, hit is not None)
     if have_it:
@@ -295,7 +309,7 @@ def cached_features(
             progress=progress,
         )
         cache.save(key, x, y, **(info or {}))
-        return x, y
+        return StoredFeatures.in_memory(x, y)
     remove_stale_temp_files(parts, depth=1)
     start, end = shard_ranges(rows, batch_size, world)[rank]
     piece = max(batch_size, cache.chunk_rows // batch_size * batch_size)
@@ -322,4 +336,13 @@ def cached_features(
     if rank != 0:
         return None
     _assemble(cache, key, rows, info or {})
-    return cache.load(key, expected_rows=rows)
+    return cache.open(key, expected_rows=rows)
+
+
+def cached_features(
+    cache: FeatureCache, key: str, model: torch.nn.Module, dataset, **options
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One split's (features, targets) in memory: :func:`stored_features` (same options), loaded. ``None`` on the
+    processes of a launch other than the main one."""
+    stored = stored_features(cache, key, model, dataset, **options)
+    return None if stored is None else stored.load()

@@ -17,6 +17,10 @@ How long (``schedule``), counted in optimizer steps:
 - ``step``: lr x0.1 at each epoch of ``--lr-steps`` over ``--epochs`` (MoCo's linear probe: 60, 80 of 100).
 
 Every fit returns how it stopped (:class:`Stopped`): schedule, steps, epochs, final training objective, converged.
+
+The features are a tensor or rows of the chunked feature store (:mod:`mr2ft.featrows`), through the same code: stored
+rows are read a batch at a time in chunk-blocked epochs, standardised per batch with one-pass moments, and the fixed
+objective rows are read into memory once.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mr2ft import featrows
 from mr2ft.config import ProbeConfig, resolve_lr
 from mr2ft.errors import UserError
 from mr2ft.heads import LinearHead, build_head, from_standard_coordinates, to_standard_coordinates
@@ -45,17 +50,17 @@ DEFAULT_MAX_EPOCHS = 100
 
 @dataclass
 class Features:
-    """Features and labels of one split."""
+    """Features and labels of one split; the features in memory or in the feature store (:mod:`mr2ft.featrows`)."""
 
-    x: torch.Tensor
+    x: featrows.Rows
     y: torch.Tensor
 
     def subset(self, idx: torch.Tensor) -> Features:
-        return Features(self.x[idx], self.y[idx])
+        return Features(featrows.subset(self.x, idx), self.y[idx])
 
     @staticmethod
     def concat(a: Features, b: Features) -> Features:
-        return Features(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]))
+        return Features(featrows.concat(a.x, b.x), torch.cat([a.y, b.y]))
 
 
 @dataclass
@@ -150,22 +155,25 @@ def make_optimizer(cfg: ProbeConfig, params, lr: float) -> torch.optim.Optimizer
 def train_steps(
     opt: torch.optim.Optimizer,
     plan: Plan,
-    n: int,
-    run: Callable[[torch.Tensor, bool], torch.Tensor],
+    x: featrows.Rows,
+    run: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor],
     modules: list[torch.nn.Module],
     seed: int,
     log_to: Path | None,
     tag: str,
 ) -> Stopped:
-    """Minimise ``run(batch indices, training=True)`` under ``plan``; every window measure the objective
-    ``run(objective rows, training=False)`` with ``modules`` in eval mode; return how it ended."""
+    """Minimise ``run(rows of x, their indices, training=True)`` over batches of ``x`` under ``plan``; every window
+    measure the objective ``run(objective rows, their indices, training=False)`` with ``modules`` in eval mode;
+    return how it ended. The objective rows are read once; an epoch's order comes from :func:`featrows.epoch_order`."""
+    n = len(x)
     rows = _objective_rows(n, seed)
+    fixed = x[rows]
 
     @torch.no_grad()
     def objective() -> float:
         _modes(False, *modules)
         try:
-            return float(run(rows, False))
+            return float(run(fixed, rows, False))
         finally:
             _modes(True, *modules)
 
@@ -174,12 +182,13 @@ def train_steps(
     base = [group["lr"] for group in opt.param_groups]
     t, decays, ref, obj, done = 0, 0, None, float("nan"), None
     while done is None:
-        perm = torch.randperm(n, generator=g)
+        perm = featrows.epoch_order(x, g)
         for i in range(plan.steps_per_epoch):
             f = plan.factor(t, decays)
             for group, lr in zip(opt.param_groups, base, strict=True):
                 group["lr"] = lr * f
-            value = run(perm[i * plan.batch : (i + 1) * plan.batch], True)
+            idx = perm[i * plan.batch : (i + 1) * plan.batch]
+            value = run(x[idx], idx, True)
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
@@ -211,16 +220,25 @@ def train_steps(
     return stopped
 
 
-def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and standard deviation (constant dimensions get 1)."""
-    std = x.std(0, unbiased=False)
-    return x.mean(0), torch.where(std > 1e-6, std, torch.ones_like(std))
+def _moments(x: featrows.Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation (constant dimensions get 1); stored rows in one float64 pass."""
+    if isinstance(x, torch.Tensor):
+        mean, std = x.mean(0), x.std(0, unbiased=False)
+    else:
+        mean, std = featrows.column_moments(x)
+    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
 
 
-def standardize(x: torch.Tensor) -> torch.Tensor:
+def _shift_scale(x: featrows.Rows, mean: torch.Tensor, std: torch.Tensor) -> featrows.Rows:
+    """``(x - mean) / std``: computed now for a tensor, per batch read for stored rows."""
+    if isinstance(x, torch.Tensor):
+        return (x - mean) / std
+    return x.map(lambda b: b.sub_(mean).div_(std))  # a block read is a fresh tensor: changed in place
+
+
+def standardize(x: featrows.Rows) -> featrows.Rows:
     """What BatchNorm1d(affine=False) converges to on these features: per-dimension standardisation."""
-    mean, std = _moments(x)
-    return (x - mean) / std
+    return _shift_scale(x, *_moments(x))
 
 
 def _penalty(heads: list[LinearHead], wd: float) -> torch.Tensor | float:
@@ -240,8 +258,8 @@ def _objective_rows(n: int, seed: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _standard_coordinates(
-    heads: list[LinearHead], x: torch.Tensor, on: bool, initialised: bool = False
-) -> Iterator[torch.Tensor]:
+    heads: list[LinearHead], x: featrows.Rows, on: bool, initialised: bool = False
+) -> Iterator[featrows.Rows]:
     """Yield the features the heads train on: standardised (folded back into the heads after) or raw.
 
     A randomly initialised head starts in the standardised coordinates (so the fit does not depend on the features'
@@ -253,7 +271,7 @@ def _standard_coordinates(
     for h in heads if initialised else []:
         to_standard_coordinates(h, mean, std)
     try:
-        yield (x - mean) / std
+        yield _shift_scale(x, mean, std)
     finally:
         for h in heads:
             from_standard_coordinates(h, mean, std)
@@ -285,12 +303,12 @@ def fit_head(
         _standard_coordinates([head], train.x, cfg.standardize, initialised=init is not None) as x,
     ):
 
-        def run(idx: torch.Tensor, training: bool) -> torch.Tensor:
-            z = head.features(x[idx])
+        def run(rows: torch.Tensor, idx: torch.Tensor, training: bool) -> torch.Tensor:
+            z = head.features(rows)
             w = {} if sample_weight is None else {"weight": sample_weight[idx]}
             return loss(head.classify(z), z, train.y[idx], **w)["loss"] + _penalty([head], weight_decay)
 
-        stopped = train_steps(opt, plan, len(train.y), run, [head, loss], seed, log_to, tag)
+        stopped = train_steps(opt, plan, x, run, [head, loss], seed, log_to, tag)
     head.eval()
     return head, stopped
 
@@ -313,10 +331,12 @@ def _threads_for(batch: int, dim: int, num_classes: int) -> Iterator[None]:
 
 
 @torch.no_grad()
-def predict(head: LinearHead, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
-    """Logits of a head over features, in eval mode."""
+def predict(head: LinearHead, x: featrows.Rows, batch: int = 8192) -> torch.Tensor:
+    """Logits of a head over features (a tensor, or stored rows read ``batch`` at a time in order), in eval mode."""
     head.eval()
-    return torch.cat([head(x[i : i + batch]) for i in range(0, max(1, x.shape[0]), batch)]) if len(x) else x
+    if not len(x):
+        return torch.zeros(0, head.fc.out_features)
+    return torch.cat([head(rows) for rows in featrows.blocks(x, batch)])
 
 
 def _gce(logits: torch.Tensor, y: torch.Tensor, q: float) -> torch.Tensor:
@@ -339,8 +359,8 @@ def fit_lff(
     ema_b, ema_d = torch.zeros(n), torch.zeros(n)
     with _threads_for(plan.batch, d, num_classes), _standard_coordinates([biased, main], train.x, cfg.standardize) as x:
 
-        def run(idx: torch.Tensor, update: bool) -> torch.Tensor:  # update: a training step (the EMAs move)
-            lb, ld, y = biased(x[idx]), main(x[idx]), train.y[idx]
+        def run(rows: torch.Tensor, idx: torch.Tensor, update: bool) -> torch.Tensor:  # update: a training step
+            lb, ld, y = biased(rows), main(rows), train.y[idx]
             if update:
                 ema_b[idx] = 0.7 * ema_b[idx] + 0.3 * F.cross_entropy(lb, y, reduction="none").detach()
                 ema_d[idx] = 0.7 * ema_d[idx] + 0.3 * F.cross_entropy(ld, y, reduction="none").detach()
@@ -348,7 +368,7 @@ def fit_lff(
             main_loss = (F.cross_entropy(ld, y, reduction="none") * w).mean()
             return main_loss + _gce(lb, y, cfg.lff_q).mean() + _penalty([biased, main], weight_decay)
 
-        stopped = train_steps(opt, plan, n, run, [biased, main], seed, log_to, "lff")
+        stopped = train_steps(opt, plan, x, run, [biased, main], seed, log_to, "lff")
     main.eval()
     return main, stopped
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mr2ft import metrics
+from mr2ft import featrows, metrics
 from mr2ft.config import ProbeConfig, replace
 from mr2ft.errors import UserError
-from mr2ft.features import FeatureCache, cache_key, cached_features, is_main_process
+from mr2ft.features import FeatureCache, cache_key, is_main_process, stored_features
 from mr2ft.headfit import (
     Features,
     Stopped,
@@ -35,10 +36,11 @@ from mr2ft.headfit import (
     standardize,
 )
 from mr2ft.heads import HEADS, LinearHead
-from mr2ft.io import log_record, state_checksum
+from mr2ft.io import load_tensors, log_record, state_checksum
 from mr2ft.losses import LOSSES, build_loss, keeps_class_statistics
 from mr2ft.report.kit import fmt_num
 from mr2ft.runs import (
+    CLASS_STATS,
     HEAD,
     METRICS,
     VAL_PREDICTIONS,
@@ -50,8 +52,11 @@ from mr2ft.runs import (
     save_predictions,
     write_header,
 )
+from mr2ft.tracking import parse_trackers, record_trackers
 
 log = logging.getLogger("mr2ft")
+# Where a probe's metrics records go (mr2ft.io.log_record): metrics.jsonl, a callable (mr2ft.tracking) or nowhere.
+LogTo = Path | Callable[[dict], None] | None
 
 # Comparators that need two passes or two heads; cheap on cached features, so the probe offers them.
 TWO_PASS = {
@@ -78,12 +83,14 @@ def validate(cfg: ProbeConfig) -> None:
     if cfg.head not in HEADS:
         raise UserError(f"unknown head {cfg.head!r}; choose one of: {', '.join(HEADS)}")
     check_schedule(cfg)
+    featrows.choose_memory(cfg.feature_memory, 0)  # refuses an unknown --feature-memory
     if cfg.sweep_cbar and knob_name(cfg.loss) != "c_bar":
         raise UserError(f"--sweep-cbar tunes MR2's average margin; it needs --loss mr2 or uniform, not {cfg.loss}")
     if cfg.sweep_temperature and cfg.loss != "ce":
         raise UserError("--sweep-temperature tunes plain cross-entropy's global temperature; use it with --loss ce")
     if cfg.sweep_criterion not in CRITERIA:
         raise UserError(f"--sweep-criterion must be one of {', '.join(CRITERIA)}, got {cfg.sweep_criterion!r}")
+    parse_trackers(cfg.report_to)
 
 
 def sweeping(cfg: ProbeConfig) -> bool:
@@ -168,7 +175,7 @@ def fit(
     c_bar: float | None = None,
     temperature: float = 1.0,
     zero_shot: tuple[torch.Tensor, float] | None = None,
-    log_to: Path | None = None,
+    log_to: LogTo = None,
     tag: str = "fit",
 ) -> Fitted:
     """Fit the configured method once, at MR2's/the control's ``c_bar`` or cross-entropy's ``temperature``."""
@@ -230,7 +237,7 @@ def choose(
     num_classes: int,
     normalized: bool,
     zero_shot,
-    log_to: Path,
+    log_to: LogTo,
 ) -> tuple[float, float, list[dict], tuple[torch.Tensor, torch.Tensor]]:
     """Pick weight decay and/or the knob (c_bar or temperature) by validation; returns (wd, knob, records, and the
     chosen head's validation (targets, logits): the model fitted without the validation images, which is what
@@ -278,18 +285,20 @@ def choose(
 # ---- the job -------------------------------------------------------------------------------------------------
 
 
-def get_features(cfg: ProbeConfig, bb, splits, console: Console) -> dict[str, Features | None]:
-    """Features of every split, from the cache when valid, else extracted (and cached)."""
+def get_features(cfg: ProbeConfig, bb, splits, console: Console) -> tuple[dict[str, Features | None], str]:
+    """Features of every split, from the cache when valid, else extracted (and cached); returns them and where the
+    head reads them: ``"memory"`` (loaded) or ``"stream"`` (rows of the chunked store, :mod:`mr2ft.featrows`), as
+    ``cfg.feature_memory`` says (``auto``: streamed when they would not fit in memory)."""
     from mr2ft.data import TransformedDataset
 
     cache = FeatureCache(cfg.cache_dir)
-    out: dict[str, Features | None] = {}
+    stores = {}
     transform = None
     checksum_before = None
     for name in ("train", "val", "test"):
         ds = getattr(splits, name)
         if ds is None:
-            out[name] = None
+            stores[name] = None
             continue
         key = cache_key(bb.fingerprint, splits.split_fingerprint(name))
         cached = cache.path(key).is_file()
@@ -297,16 +306,22 @@ def get_features(cfg: ProbeConfig, bb, splits, console: Console) -> dict[str, Fe
         if checksum_before is None and not cached:
             checksum_before = state_checksum(bb.model)
         t0, info = time.perf_counter(), {"backbone": bb.source, "split": name, "dataset": splits.name}
-        got = cached_features(  # every process of an accelerate launch extracts its shard; None on the others
+        stores[name] = stored_features(  # every process of an accelerate launch extracts its shard; None on the others
             cache, key, bb.model, TransformedDataset(ds, transform), batch_size=cfg.extract_batch_size,
             num_workers=cfg.num_workers, description=f"extracting {name} features", info=info,
         )  # fmt: skip
         how = "cached" if cached else f"extracted in {time.perf_counter() - t0:.1f}s,"
         console.print(f"[dim]{name}: {len(ds)} features {how} ({cache.path(key)})[/dim]")
-        out[name] = Features(*got) if got is not None else None
     if checksum_before is not None and state_checksum(bb.model) != checksum_before:
         raise RuntimeError("the backbone's weights changed during feature extraction; it must stay frozen")
-    return out
+    where, why = featrows.choose_memory(cfg.feature_memory, sum(s.nbytes for s in stores.values() if s is not None))
+    out: dict[str, Features | None] = {}
+    for name, s in stores.items():
+        rows = None if s is None else s.load() if where == "memory" else (featrows.StoredRows.of(s), s.targets)
+        out[name] = None if rows is None else Features(*rows)
+    if any(s is not None for s in stores.values()):
+        console.print(f"[dim]features for the head: {'in memory' if where == 'memory' else 'streamed'} ({why})[/dim]")
+    return out, where
 
 
 @dataclass
@@ -319,6 +334,7 @@ class ProbeData:
     val: Features | None
     test: Features
     zero_shot: tuple[torch.Tensor, float] | None
+    feature_memory: str = "memory"  # where the head reads the features: memory or stream (the chunked store)
 
     @property
     def num_classes(self) -> int:
@@ -364,11 +380,11 @@ def prepare(cfg: ProbeConfig, console: Console, need_val: bool | None = None) ->
         f"{len(splits.train)} train / {len(splits.test)} test images; feature dim {bb.feature_dim}"
         + (", L2-normalised" if bb.normalize else "")
     )
-    feats = get_features(cfg, bb, splits, console)
+    feats, where = get_features(cfg, bb, splits, console)
     zero_shot = None
     if cfg.head == "zeroshot":
         zero_shot = (bb.text_classifier(splits.class_names).float().cpu(), float(bb.logit_scale))
-    return ProbeData(bb, splits, feats["train"], feats["val"], feats["test"], zero_shot)
+    return ProbeData(bb, splits, feats["train"], feats["val"], feats["test"], zero_shot, where)
 
 
 def validation_split(cfg: ProbeConfig, data: ProbeData, split_seed: int) -> tuple[Features, Features, str]:
@@ -383,7 +399,7 @@ def validation_split(cfg: ProbeConfig, data: ProbeData, split_seed: int) -> tupl
 def fit_probe(
     cfg: ProbeConfig,
     data: ProbeData,
-    log_to: Path | None,
+    log_to: LogTo,
     split_seed: int | None = None,
     console: Console | None = None,
 ) -> ProbeResult:
@@ -453,6 +469,7 @@ def write_probe_run(
         "classifier": classifier_of(cfg),
         "lr": plan.lr,
         "head_training": result.stopped.record() if result.stopped else None,
+        "feature_memory_used": data.feature_memory,
     }
     if result.rep_grad_share is not None:
         extra["rep_grad_share"] = result.rep_grad_share
@@ -471,7 +488,11 @@ def write_probe_run(
 
 
 def run(cfg: ProbeConfig, console: Console | None = None) -> Path:
-    """Run a linear probe end to end and return its run folder."""
+    """Run a linear probe end to end and return its run folder.
+
+    With ``cfg.report_to`` the main process also logs every ``metrics.jsonl`` record's figures and the test figures
+    to those trackers (:func:`mr2ft.tracking.record_trackers`; TensorBoard: under ``RUN/mr2ft/``).
+    """
     console = console or Console(stderr=True)
     validate(cfg)
     out_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.backbone, cfg.dataset, cfg.loss)
@@ -485,9 +506,15 @@ def run(cfg: ProbeConfig, console: Console | None = None) -> Path:
             f"baseline {cfg.baseline} was run on other classes ({_names(baseline['class_names'])}) than "
             f"{data.splits.name} ({_names(data.splits.class_names)}); pass a baseline run on the same dataset"
         )
-    with run_folder(out_dir, overwrite=cfg.overwrite, resumable=False) as run_dir:
-        result = fit_probe(cfg, data, run_dir / METRICS, console=console)
+    with (
+        run_folder(out_dir, overwrite=cfg.overwrite, resumable=False) as run_dir,
+        record_trackers(cfg, run_dir, run_dir / METRICS) as tracked,  # --report-to; None without trackers
+    ):
+        result = fit_probe(cfg, data, tracked or run_dir / METRICS, console=console)
         report = write_probe_run(cfg, data, result, run_dir)
+        if tracked is not None:  # the test figures, at the final head's last step, with the saved classes' margins
+            gamma = load_tensors(run_dir / CLASS_STATS)["gamma"]
+            tracked.evaluation("test", report.get("summary", report), gamma, step=result.stopped.steps)
     print_summary(console, report, run_dir, cfg.loss)
     return run_dir
 

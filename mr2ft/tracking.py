@@ -1,17 +1,21 @@
-"""What a fine-tune shows while it runs: experiment trackers (``--report-to``) and the live progress display.
+"""What a job shows while it runs: experiment trackers (``--report-to``) and the live progress display.
 
 Owns: :func:`parse_trackers` (the ``--report-to`` names, checked against Accelerate's trackers and what is
 installed), :func:`tracker_config` (the run's settings as tracker hyper-parameters), :func:`eval_scalars` (the
-figures logged at each evaluation) and :class:`StepProgress` (a live Rich bar on a terminal, plain lines elsewhere;
+figures logged at each evaluation), :func:`record_trackers` and :class:`TrackedRecords` (a probe's trackers, fed
+from its ``metrics.jsonl`` records) and :class:`StepProgress` (a live Rich bar on a terminal, plain lines elsewhere;
 main process only). The trackers themselves are Accelerate's (``Accelerator(log_with=...)``, ``init_trackers``,
 ``accelerator.log``, ``end_training``); TensorBoard writes its event files under ``RUN/mr2ft/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from mr2ft.errors import UserError
@@ -67,6 +71,84 @@ def eval_scalars(prefix: str, summary: dict, gamma: Any = None) -> dict[str, flo
     if gamma is not None and gamma.numel() > 1:
         values["gamma_std"] = float(gamma.float().std())
     return {f"{prefix}/{k}": float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+
+
+class TrackedRecords:
+    """Where a probe sends its metrics records (:func:`mr2ft.io.log_record`): each record is appended to
+    ``metrics.jsonl`` and its numbers are logged to the trackers as ``probe/<stage>/<key>`` (``final:jtt`` becomes
+    ``probe/final/jtt/...``).
+
+    A head fit's records carry its optimizer ``step``; the fits of one stage are counted on one after another, so
+    the steps of every tag only grow. A record without a step (``rep_grad_share``, a sweep point's validation
+    figures) is about the fit that just ended and is logged at its stage's last step; where that step already holds
+    one (a sweep logs its points, not its fits), at the next step. A fit's ``stopped`` record repeats its last
+    reading: it goes to ``metrics.jsonl`` only.
+    """
+
+    SKIP = ("step", "epoch")  # the x axis, not figures
+
+    def __init__(self, accelerator: Any, path: str | Path) -> None:
+        self.accelerator, self.path = accelerator, Path(path)
+        self.start: dict[str, int] = {}  # per stage: the step the stage's next fit counts on from
+        self.last: dict[str, int] = {}  # per stage: the last step used
+        self.taken: set[str] = set()  # stages whose last step holds a record without a step
+
+    def __call__(self, record: dict) -> None:
+        from mr2ft.io import append_jsonl
+
+        append_jsonl(self.path, record)
+        stage = str(record.get("stage", "run")).replace(":", "/")
+        last = self.last.get(stage, 0)
+        if isinstance(record.get("step"), int):  # a head fit's reading
+            step = self.start.get(stage, 0) + record["step"]
+            self.taken.discard(stage)
+        elif record.get("event") == "stopped":  # the next fit of the stage counts on from here
+            self.start[stage] = last
+            return
+        else:
+            step = last + 1 if stage in self.taken else last
+            self.taken.add(stage)
+            self.start[stage] = step
+        self.last[stage] = step
+        values = {f"probe/{stage}/{k}": float(v) for k, v in record.items() if k not in self.SKIP and _is_figure(v)}
+        if values:
+            self.accelerator.log(values, step=step)
+
+    def evaluation(self, prefix: str, summary: dict, gamma: Any = None, step: int = 0) -> None:
+        """Log an evaluation's figures (:func:`eval_scalars`) at ``step``."""
+        self.accelerator.log(eval_scalars(prefix, summary, gamma), step=step)
+
+
+def _is_figure(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@contextlib.contextmanager
+def record_trackers(cfg: Any, run_dir: Path, path: Path) -> Iterator[TrackedRecords | None]:
+    """The trackers of ``cfg.report_to`` for a job whose training runs in this process alone (a probe's head fits,
+    on the main process of a launch): a :class:`TrackedRecords` writing ``path`` and logging to an Accelerator's
+    trackers under ``run_dir``, started with the run's settings; None when no tracker is asked for.
+
+    The trackers are ended on the way out, errors included, and Accelerate's process-wide state (when this call
+    created it) is released again, so that a later job in the same process starts afresh.
+    """
+    names = parse_trackers(cfg.report_to)
+    if not names:
+        yield None
+        return
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    fresh = not AcceleratorState._shared_state
+    accelerator = Accelerator(log_with=names, project_dir=str(run_dir))
+    try:
+        accelerator.init_trackers(PROJECT, config=tracker_config(cfg))
+        yield TrackedRecords(accelerator, path)
+    finally:
+        accelerator.end_training()
+        if fresh:
+            AcceleratorState._reset_state(reset_partial_state=False)
+            GradientState._reset_state()
 
 
 class StepProgress:
@@ -147,4 +229,13 @@ class Throughput:
         return rate
 
 
-__all__ = ["PROJECT", "StepProgress", "Throughput", "eval_scalars", "parse_trackers", "tracker_config"]
+__all__ = [
+    "PROJECT",
+    "StepProgress",
+    "Throughput",
+    "TrackedRecords",
+    "eval_scalars",
+    "parse_trackers",
+    "record_trackers",
+    "tracker_config",
+]

@@ -132,8 +132,14 @@ class MR2Loss(nn.Module):
 
     @torch.no_grad()
     def fit_statistics(self, features: torch.Tensor, targets: torch.Tensor) -> None:
-        """Set exact statistics from frozen features (a linear probe) and stop updating them."""
-        self.stats.set_exact(self._features(features), targets)
+        """Set exact statistics from frozen features (a linear probe) and stop updating them.
+
+        ``features`` may also be rows of the feature store (:class:`mr2ft.featrows.StoredRows`: ``shape``, slices,
+        ``map``): they are then read in blocks, never whole in memory."""
+        if isinstance(features, torch.Tensor):
+            self.stats.set_exact(self._features(features), targets)
+        else:
+            self.stats.set_exact(features.map(self._features), targets, chunk_size=8192)
         self.frozen.fill_(True)
         self._frozen = True
 
