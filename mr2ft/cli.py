@@ -563,8 +563,9 @@ def zeroshot_command(
         cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, out=out, overwrite=overwrite,
     )  # fmt: skip
     out_dir, report = run_zeroshot(cfg)
-    typer.echo(headline(report))
-    typer.echo(f"wrote {out_dir}")
+    if report is not None:  # None on the other processes of an accelerate launch
+        typer.echo(headline(report))
+        typer.echo(f"wrote {out_dir}")
 
 
 recipes_app = typer.Typer(help="List and show the recipes that ship with mr2ft.", no_args_is_help=True)

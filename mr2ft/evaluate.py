@@ -29,12 +29,12 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-from mr2ft import runs
+from mr2ft import featrows, runs
 from mr2ft.classifier import make_head
 from mr2ft.classnames import read_name_file, rename_classes
 from mr2ft.data import split_fingerprint as data_split_fingerprint
 from mr2ft.errors import UserError
-from mr2ft.features import FeatureCache, cache_key, cached_features
+from mr2ft.features import FeatureCache, cache_key, stored_features
 from mr2ft.heads import LinearHead, head_from_state
 from mr2ft.io import append_jsonl, load_tensors, read_json, save_tensors, write_text
 
@@ -287,13 +287,14 @@ def features_of(
     console: Console,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Features and labels of one split, through the probe's feature cache and its extraction path (sharded over the
-    processes of an accelerate launch); ``None`` on processes other than the main one."""
+    processes of an accelerate launch); ``None`` on processes other than the main one. Features that would not fit
+    in memory stay in the chunked store and are read in blocks (:mod:`mr2ft.featrows`)."""
     from mr2ft.data import TransformedDataset
 
     cache = FeatureCache(cache_dir)
     key = cache_key(fingerprint, data.fingerprint)
     t0 = time.perf_counter()
-    got = cached_features(
+    store = stored_features(
         cache,
         key,
         backbone.model,
@@ -303,17 +304,21 @@ def features_of(
         description=f"extracting {data.name} {data.split} features",
         info={"backbone": str(backbone.source), "split": data.split, "dataset": data.name},
     )
-    if got is None:  # another process of an accelerate launch: the main one scores
+    if store is None:  # another process of an accelerate launch: the main one scores
         return None
+    where, _ = featrows.choose_memory("auto", store.nbytes)
+    got = store.load() if where == "memory" else (featrows.StoredRows.of(store), store.targets)
     console.print(
-        f"[dim]{data.name}/{data.split}: {len(got[0])} features ({time.perf_counter() - t0:.1f}s, {cache.path(key)})"
+        f"[dim]{data.name}/{data.split}: {len(store)} features ({time.perf_counter() - t0:.1f}s, {cache.path(key)})"
+        + (", read from the store in blocks" if where == "stream" else "")
+        + "[/dim]"
     )
     return got
 
 
 @torch.no_grad()
-def head_logits(head: nn.Module, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
-    """Logits of a head over features, in eval mode."""
+def head_logits(head: nn.Module, x: featrows.Rows, batch: int = 8192) -> torch.Tensor:
+    """Logits of a head over features (in memory or stored rows, read ``batch`` at a time), in eval mode."""
     head.eval()
     if not len(x):
         return torch.zeros(0, getattr(head, "out_features", 0) or head.fc.out_features)

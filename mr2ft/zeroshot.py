@@ -70,11 +70,11 @@ def zeroshot_data(cfg: ZeroShotSettings) -> EvalData:
     return EvalData(splits.test, list(splits.class_names), splits.name, "test", splits.split_fingerprint("test"))
 
 
-def run_zeroshot(cfg: ZeroShotSettings, console: Console | None = None) -> tuple[Path, dict]:
+def run_zeroshot(cfg: ZeroShotSettings, console: Console | None = None) -> tuple[Path, dict | None]:
     """Score CLIP zero-shot on a dataset and write a normal run folder with its head and report.
 
     Returns:
-        (the run folder, its report).
+        (the run folder, its report); the report is None on the other processes of an accelerate launch.
 
     Raises:
         UserError: no dataset, a backbone without a text tower, bad template or class-name files, an existing --out.
@@ -97,7 +97,10 @@ def run_zeroshot(cfg: ZeroShotSettings, console: Console | None = None) -> tuple
         f"[bold]zeroshot[/bold] {bb.family}:{bb.name} ({bb.source}) on {data.name}/{data.split}: {len(names)} "
         f"classes, {len(data.dataset)} images, {len(prompts or []) or 'default'} templates"
     )
-    x, y = features_of(bb, bb.fingerprint, data, cfg.cache_dir, cfg.batch_size, cfg.num_workers, console)
+    got = features_of(bb, bb.fingerprint, data, cfg.cache_dir, cfg.batch_size, cfg.num_workers, console)
+    if got is None:  # another process of an accelerate launch extracted its shard; the main one scores and writes
+        return out_dir, None
+    x, y = got
     with runs.run_folder(out_dir, overwrite=cfg.overwrite, resumable=False) as folder:
         save_tensors(folder / runs.HEAD, dict(head.state_dict()))
         report = write_scored_run(

@@ -19,7 +19,7 @@ from _images import make_image_folder
 from _models import write_tiny_checkpoint
 from typer.testing import CliRunner
 
-from mr2ft import evaluate, features
+from mr2ft import evaluate, featrows, featstore, features
 from mr2ft.cli import app
 from mr2ft.evaluate import load_trained
 from mr2ft.io import load_tensors, read_json
@@ -221,14 +221,18 @@ def assert_same_logits(exports: dict, run: Path, fmt: str) -> None:
 # ---- eval ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed-from-the-store"])
 def test_eval_on_the_runs_own_test_split_repeats_its_predictions_from_the_cache(
-    probe_run, images, cache, work, monkeypatch
+    stream, probe_run, images, cache, work, monkeypatch
 ):
     def no_extraction(*args, **kwargs):
         raise AssertionError("the probe's cached features should have been used")
 
     monkeypatch.setattr(features, "extract_features", no_extraction)
-    out = work / "eval-same"
+    if stream:  # features too large for memory: read from the chunked store in blocks, never loaded whole
+        monkeypatch.setattr(featrows, "fits_in_memory", lambda *a, **k: False)
+        monkeypatch.setattr(featstore.StoredFeatures, "load", no_extraction)
+    out = work / f"eval-same-{stream}"
     ok(["eval", probe_run, "--dataset", images, "--cache-dir", cache, "--out", out, "--num-workers", "0"])
     a, b = load_tensors(probe_run / "predictions.safetensors"), load_tensors(out / "predictions.safetensors")
     for key in ("targets", "preds", "topk"):
