@@ -8,10 +8,15 @@ resume may change. :class:`mr2ft.finetune.Trainer` calls these from short method
 Checkpoints (``RUN/checkpoints/``)::
 
     ckpt-<step>-<epoch>-<batch>/    one complete training state, written under a temporary name and renamed
-        model.safetensors           when complete: a kill at any moment leaves the old state or the new one
-        optimizer.pt, state.pt      (``torch.save``; read back with ``weights_only=True``)
+        model.safetensors           when complete: a kill at any moment leaves the old state or the new one.
+                                    The full weights (gathered under FSDP), which eval and export read
+        accelerate/                 ``accelerator.save_state``: the optimizer (``optimizer.bin``, or its shards),
+                                    the scaler, Accelerate's RNG states and, under FSDP only, the model as FSDP
+                                    saves it (unsharded, the model is model.safetensors alone)
+        state.pt                    position, best, schedule, processes, sharding, fingerprints (``torch.save``)
         rank<r>.pt                  each process's RNG states, running epoch sums and gradient-share measurement
         loss_rank<r>.safetensors    each process's loss state (MR2 class statistics; identical on all ranks)
+        ema.safetensors             the weight EMA (``--model-ema``)
         meta.json                   the position and metric, for people
     best.json                       {"name", "metric", "split", "epoch", "step"} of the best checkpoint on the
                                     validation split (only a run with a validation split has one)
@@ -19,6 +24,10 @@ Checkpoints (``RUN/checkpoints/``)::
 The latest checkpoint is the one with the largest name (``<epoch>-<batch>`` is the position the next batch
 starts from); only it and the best one are kept. Under several processes every process writes its own files into
 the same folder, so the run folder must be on a file system they all see (one node, or a shared disk).
+
+Nothing in a checkpoint is unpickled beyond tensors and plain values: ``accelerate/`` is read through
+:func:`mr2ft.sharding.load_state`, which checks every file first. Checkpoints of mr2ft 0.1 (``optimizer.pt`` beside
+``model.safetensors``, no ``accelerate/``) still resume, without FSDP.
 """
 
 from __future__ import annotations
@@ -41,12 +50,14 @@ from mr2ft import runs
 from mr2ft.config import FinetuneConfig, build_config
 from mr2ft.errors import UserError
 from mr2ft.io import atomic_path, load_tensors, read_jsonl, save_tensors, write_json, write_text
+from mr2ft.sharding import load_state, sharding
 
 CHECKPOINTS = "checkpoints"
 BEST = "best.json"
 CKPT_PREFIX = "ckpt-"
 MODEL = "model.safetensors"
-OPTIMIZER = "optimizer.pt"
+ACCELERATE = "accelerate"  # accelerator.save_state's folder
+OPTIMIZER = "optimizer.pt"  # the optimizer in a checkpoint of mr2ft 0.1 (now in accelerate/)
 STATE = "state.pt"
 META = "meta.json"
 
@@ -151,7 +162,11 @@ def set_rng_state(state: dict) -> None:
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state on the CPU, cloned so that tensors sharing storage (tied weights) fit safetensors."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    return _cpu_copy(model.state_dict())
+
+
+def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
 def _write(path: Path, obj: Any) -> None:
@@ -206,14 +221,18 @@ def save(
     name: str,
     accelerator: Any,
     rank_files: dict[str, Any],
-    main_files: Callable[[], dict[str, Any]],
+    shared_files: Callable[[], dict[str, Any]],
     keep: set[str | None],
 ) -> Path:
     """Write checkpoint ``name`` in ``ckpt_dir`` from every process, atomically, and prune the others.
 
+    Every process calls this: it writes ``rank_files``, then ``accelerator.save_state`` writes ``accelerate/`` (under
+    FSDP each process its shards), then the main process writes ``shared_files()``; only then is the folder renamed.
+
     Args:
         rank_files: this process's files (file name -> object); every process calls with its own.
-        main_files: called on the main process only, returning the shared files (model, optimizer, state).
+        shared_files: called on every process (gathering sharded weights takes them all), returning the files the
+            main process writes (model, state); the other processes' results are ignored.
         keep: the checkpoint names to keep besides the new one.
     """
     final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
@@ -224,11 +243,14 @@ def save(
     accelerator.wait_for_everyone()
     for file, obj in rank_files.items():
         _write(tmp / file, obj)
+    accelerator.save_state(str(tmp / ACCELERATE), safe_serialization=True)
+    files = shared_files()
     if main:
-        for file, obj in main_files().items():
+        for file, obj in files.items():
             _write(tmp / file, obj)
     accelerator.wait_for_everyone()
     if main:
+        _fsync_tree(tmp / ACCELERATE)  # our own files are fsynced as they are written (mr2ft.io.atomic_path)
         discard(final)
         os.replace(tmp, final)
         for d in listing(ckpt_dir):
@@ -238,14 +260,22 @@ def save(
     return final
 
 
-def read_state(ckpt: Path, num_processes: int, fingerprints: dict[str, str]) -> dict:
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def read_state(ckpt: Path, num_processes: int, fingerprints: dict[str, str], sharded: str | None = None) -> dict:
     """``state.pt`` of ``ckpt``, checked against this run.
 
     Args:
         fingerprints: what -> this run's fingerprint (backbone weights, dataset) to compare with the saved ones.
+        sharded: this run's :func:`sharding`.
 
     Raises:
-        UserError: unreadable, or written by another number of processes, weights or dataset.
+        UserError: unreadable, or written by another number of processes, sharding, weights or dataset.
     """
     state = read(ckpt / STATE)
     if not isinstance(state, dict) or "scheduler" not in state:
@@ -255,6 +285,11 @@ def read_state(ckpt: Path, num_processes: int, fingerprints: dict[str, str]) -> 
             f"{ckpt} was written by {state['num_processes']} processes and this run has {num_processes}; "
             "resume with the same number of processes (the data order and statistics depend on it)"
         )
+    if state.get("sharding") != sharded:
+        raise UserError(
+            f"{ckpt} was written {_under(state.get('sharding'))} and this run is {_under(sharded)}; resume with the "
+            "same accelerate config (the saved model and optimizer states are laid out for it)"
+        )
     for what, now in fingerprints.items():
         if state.get(f"{what}_fingerprint") != now:
             raise UserError(
@@ -262,6 +297,10 @@ def read_state(ckpt: Path, num_processes: int, fingerprints: dict[str, str]) -> 
                 "same files or start a new run with another --out"
             )
     return state
+
+
+def _under(sharded: str | None) -> str:
+    return f"under {sharded}" if sharded else "without FSDP"
 
 
 def read_loss_state(ckpt: Path, rank: int, expected: set[str]) -> dict[str, torch.Tensor]:
@@ -279,6 +318,41 @@ def read_loss_state(ckpt: Path, rank: int, expected: set[str]) -> dict[str, torc
             f"{unexpected[:3]}): another version of mr2ft wrote it; start a new run with another --out"
         )
     return state
+
+
+# ---- the model and optimizer through Accelerate (FSDP) -------------------------------------------------------------
+
+
+def restore_training(ckpt: Path, accelerator: Any, model: nn.Module, optimizer: Any, state: dict) -> None:
+    """Load the model's weights and the optimizer and scaler states of ``ckpt``, every file read and checked first.
+
+    A checkpoint of mr2ft 0.1 has no ``accelerate/``: its ``optimizer.pt`` and the scaler in ``state.pt`` are read
+    instead (:func:`read_state` has refused it under FSDP, which it predates).
+
+    Raises:
+        UserError: a damaged, foreign or unsafe file, or Accelerate's states of another model.
+        RuntimeError, KeyError, ValueError: weights or optimizer state of another model (the caller names them).
+    """
+    if (ckpt / ACCELERATE).is_dir():
+        weights = None if sharding(accelerator) else read(ckpt / MODEL)
+        load_state(accelerator, ckpt / ACCELERATE)  # under FSDP, with the model's shards
+        if weights is not None:
+            accelerator.unwrap_model(model).load_state_dict(weights, strict=True)
+        return
+    weights, old_optimizer = read(ckpt / MODEL), read(ckpt / OPTIMIZER)
+    accelerator.unwrap_model(model).load_state_dict(weights, strict=True)
+    optimizer.load_state_dict(old_optimizer)
+    if accelerator.scaler is not None and state.get("scaler") is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+
+
+def restore_weights(ckpt: Path, accelerator: Any, model: nn.Module) -> None:
+    """Load the weights of ``ckpt`` into ``model`` (at the end of a run: the best checkpoint's). Under FSDP that
+    is ``load_state`` on every process (the optimizer state comes along; it is not used again)."""
+    if sharding(accelerator):
+        load_state(accelerator, ckpt / ACCELERATE)
+    else:
+        accelerator.unwrap_model(model).load_state_dict(read(ckpt / MODEL), strict=True)
 
 
 def forget_after(run_dir: Path, ckpt: Path, state: TrainState) -> None:
@@ -406,6 +480,8 @@ __all__ = [
     "find_checkpoint",
     "model_tensors",
     "read",
+    "restore_training",
+    "restore_weights",
     "resume_settings",
     "rng_state",
     "save",

@@ -16,6 +16,11 @@ class-balanced sampler of :mod:`mr2ft.data`), and every DataLoader draws its wor
 The global RNGs therefore feed only the model (drop-path) and mixup, and their states go into each checkpoint,
 with the optimizer, scheduler, scaler and loss states and the data position. A resumed run skips the batches
 already done and ends bit-identical to an uninterrupted one on CPU, whatever the number of DataLoader workers.
+
+Sharding. Under an ``accelerate config`` with FSDP the model and optimizer are sharded over the processes: each
+checkpoint saves them through ``accelerator.save_state`` and gathers the full weights for eval and export
+(:mod:`mr2ft.sharding`). DeepSpeed is refused (its checkpoints are read by unpickling), and so are ``--model-ema``
+and ``--wise-alpha`` under FSDP (they need the whole weights on every process).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from mr2ft.errors import UserError
 from mr2ft.optim import check_optimizer
 from mr2ft.perf import keep_freed_memory
 from mr2ft.schedule import build_scheduler, lr_factor
+from mr2ft.sharding import refuse_unsupported
 from mr2ft.tracking import PROJECT, parse_trackers, tracker_config
 from mr2ft.trainer import Trainer, build_optimizer
 
@@ -198,6 +204,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # fewer page faults per step (see mr2ft.perf)
     try:
+        refuse_unsupported(accelerator, model_ema=bool(cfg.model_ema), wise=cfg.wise_alpha is not None)
         accelerator.wait_for_everyone()  # every process checked the folder before the first one creates it
         trainer = Trainer(cfg, accelerator, run_dir)
         trainer.setup()
@@ -293,6 +300,7 @@ def _print_start(trainer: Trainer, info: dict, ckpt: Path | None) -> None:
         f"{cfg.grad_accum} accumulation), peak lr {cfg.lr:g} "
         f"(group scales {info['lr_scales'][0]:g}-{info['lr_scales'][-1]:g}), "
         f"{info['total_steps']} steps ({info['warmup_steps']} warm-up), precision {info['mixed_precision']}"
+        + (f", sharded by {info['sharding']}" if info["sharding"] else "")
     )
 
 

@@ -43,7 +43,6 @@ from mr2ft.classifier import (
     evaluate,
     init_zeroshot_head,
     rep_grad_share,
-    weights_finite,
 )
 from mr2ft.classnames import prompt_names, read_templates
 from mr2ft.config import FinetuneConfig, replace, resolve_lr
@@ -52,6 +51,7 @@ from mr2ft.errors import UserError
 from mr2ft.io import append_jsonl, save_tensors, write_json
 from mr2ft.optim import build_optimizer
 from mr2ft.schedule import build_scheduler
+from mr2ft.sharding import full_weights, keep_full_weights_ours, sharding, weights_finite
 from mr2ft.tracking import StepProgress, Throughput, eval_scalars
 
 LOG_EVERY = 100  # optimizer steps between progress lines
@@ -138,6 +138,7 @@ class Trainer:
         optimizer = build_optimizer(model, bb, cfg)
         self.trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         self.model, self.optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders)
+        keep_full_weights_ours(accelerator)  # model.safetensors holds them; save_state only the rest (or FSDP shards)
         self.train_dl, self.test_dl = prepared[0], prepared[1]
         self.eval_dl = prepared[2] if has_val else self.test_dl
         self.steps_per_epoch = math.ceil(len(self.train_dl) / cfg.grad_accum)
@@ -225,6 +226,7 @@ class Trainer:
             "test_fingerprint": self.splits.split_fingerprint("test"),  # which test images: comparable runs share it
             "preprocessing": bb.preprocess.to_dict(),
             "num_processes": accelerator.num_processes,
+            "sharding": sharding(accelerator),  # None, or e.g. "FSDP2 FULL_STATE_DICT"
             "effective_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
             "peak_lr": cfg.lr,
             "lr_scales": sorted({round(g["lr_scale"], 6) for g in self.optimizer.param_groups}),
@@ -240,42 +242,44 @@ class Trainer:
             else "linear",
         }
 
-    # -- checkpoints (the format and policy live in mr2ft.checkpoints) --
+    # -- checkpoints (the format and policy live in mr2ft.checkpoints, FSDP's part in mr2ft.sharding) --
 
     def save_checkpoint(self, metric: float | None = None) -> Path:
-        """Write the full training state as ``checkpoints/<state.name>`` and prune old ones.
+        """Write the full training state as ``checkpoints/<state.name>`` and prune old ones (every process).
 
         Raises:
             UserError: the weights are no longer finite (a NaN/inf learning step): the last good checkpoint stays.
         """
         accelerator, st = self.accelerator, self.state
-        if not weights_finite(self.model):
+        if not weights_finite(accelerator, self.model):
             raise UserError(f"the weights became NaN/inf by step {st.step}; {self._kept()}; lower --lr and run again")
         rank = accelerator.process_index
         per_rank = {"rng": checkpoints.rng_state(), "sums": dict(st.sums), "count": st.count}
         per_rank["grad_share"] = st.grad_share
         rank_files = {f"rank{rank}.pt": per_rank, f"loss_rank{rank}.safetensors": self.loss_fn.state_dict()}
         path = checkpoints.save(
-            self.ckpt_dir, st.name, accelerator, rank_files, lambda: self._main_files(metric), {st.best_name}
+            self.ckpt_dir, st.name, accelerator, rank_files, lambda: self._shared_files(metric), {st.best_name}
         )
         self.last_saved = st.name
         return path
 
-    def _main_files(self, metric: float | None) -> dict[str, Any]:
+    def _shared_files(self, metric: float | None) -> dict[str, Any]:
         accelerator, st = self.accelerator, self.state
+        weights = full_weights(accelerator, self.model)  # gathered under FSDP: every process takes part
+        if not self.main:
+            return {}
         trainer_state = {
             **st.saved(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "num_processes": accelerator.num_processes,
+            "sharding": sharding(accelerator),
             "backbone_fingerprint": str(self.bb.fingerprint),
             "dataset_fingerprint": str(self.splits.fingerprint),
         }
         ema = {EMA: model_tensors(self.ema.module)} if self.ema is not None else {}
         return {
             **ema,
-            checkpoints.MODEL: model_tensors(accelerator.unwrap_model(self.model)),
-            checkpoints.OPTIMIZER: self.optimizer.state_dict(),
+            checkpoints.MODEL: weights,
             checkpoints.STATE: trainer_state,
             checkpoints.META: {"step": st.step, "epoch": st.epoch, "batch": st.batch, "metric": metric},
         }
@@ -287,20 +291,15 @@ class Trainer:
         """
         accelerator, rank = self.accelerator, self.accelerator.process_index
         fingerprints = {"backbone": str(self.bb.fingerprint), "dataset": str(self.splits.fingerprint)}
-        state = checkpoints.read_state(ckpt, accelerator.num_processes, fingerprints)
-        weights = checkpoints.read(ckpt / checkpoints.MODEL)
-        optimizer = checkpoints.read(ckpt / checkpoints.OPTIMIZER)
+        state = checkpoints.read_state(ckpt, accelerator.num_processes, fingerprints, sharding(accelerator))
         loss_state = checkpoints.read_loss_state(ckpt, rank, set(self.loss_fn.state_dict()))
         per_rank = checkpoints.read(ckpt / f"rank{rank}.pt")
         ema = checkpoints.read(ckpt / EMA) if self.ema is not None else None
         try:
+            checkpoints.restore_training(ckpt, accelerator, self.model, self.optimizer, state)
             if ema is not None:
                 self.ema.module.load_state_dict(ema, strict=True)
-            accelerator.unwrap_model(self.model).load_state_dict(weights, strict=True)
-            self.optimizer.load_state_dict(optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
-            if accelerator.scaler is not None and state["scaler"] is not None:
-                accelerator.scaler.load_state_dict(state["scaler"])
             self.loss_fn.load_state_dict({k: v.to(accelerator.device) for k, v in loss_state.items()}, strict=True)
             self.state.restore(state, per_rank)
         except (KeyError, ValueError, RuntimeError) as e:
@@ -508,8 +507,7 @@ class Trainer:
         best = st.best_record()
         if st.best_name != st.name:
             ckpt = self.ckpt_dir / st.best_name
-            weights = checkpoints.read(ckpt / checkpoints.MODEL)
-            accelerator.unwrap_model(self.model).load_state_dict(weights, strict=True)
+            checkpoints.restore_weights(ckpt, accelerator, self.model)  # under FSDP, on every process
             loss_state = checkpoints.read_loss_state(ckpt, accelerator.process_index, set(self.loss_fn.state_dict()))
             self.loss_fn.load_state_dict({k: v.to(accelerator.device) for k, v in loss_state.items()}, strict=True)
         return "best_val", best["epoch"], best["step"]

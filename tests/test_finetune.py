@@ -215,7 +215,8 @@ def test_finetune_each_family(family: str, images: Path, models: Path, tmp_path:
     assert final["model"] == "last" and final["model_epoch"] == 2
     assert [p.name for p in (out / "checkpoints").iterdir()] == [last_checkpoint(out).name]
     ckpt = last_checkpoint(out)
-    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "optimizer.pt", "state.pt", "rank0.pt"}
+    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "accelerate", "state.pt", "rank0.pt"}
+    assert (ckpt / "accelerate" / "optimizer.bin").is_file()  # accelerator.save_state (tests/test_checkpoint_state.py)
     if "mr2" in FAMILY_EXTRAS[family]:
         stats = load_tensors(out / "class_stats.safetensors")
         assert stats["seen"].tolist() == [1, 1, 1]
@@ -536,8 +537,9 @@ def test_a_damaged_checkpoint_file_is_refused_in_one_line_and_the_run_is_left_al
 
     base = tmp_path / "base"
     ok(finetune_args(base, images, model_flags("timm", models), "--loss", "mr2", "--max-steps", "1"))
-    for name in ("loss_rank0.safetensors", "model.safetensors", "state.pt", "optimizer.pt", "rank0.pt"):
-        run = tmp_path / name
+    ours = ("loss_rank0.safetensors", "model.safetensors", "state.pt", "rank0.pt")
+    for name in (*ours, "accelerate/optimizer.bin", "accelerate/random_states_0.pkl"):
+        run = tmp_path / name.replace("/", "-")
         shutil.copytree(base, run)
         path = last_checkpoint(run) / name
         data = path.read_bytes()
