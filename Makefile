@@ -23,3 +23,5 @@ bench: setup
 	.venv/bin/python benchmarks/loss_overhead.py | tee benchmarks/loss_overhead.txt
 	.venv/bin/python benchmarks/probe_cost.py | tee benchmarks/probe_cost.txt
 	.venv/bin/python benchmarks/finetune_throughput.py | tee benchmarks/finetune_throughput.txt
+	.venv/bin/python benchmarks/finetune_switches.py | tee benchmarks/finetune_switches.txt
+	.venv/bin/python benchmarks/feature_store_memory.py | tee benchmarks/feature_store_memory.txt

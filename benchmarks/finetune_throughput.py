@@ -10,12 +10,10 @@ On the same model, data, batch, optimizer and augmentation:
             (``mr2ft.perf.keep_freed_memory``), to show what they are worth on their own.
 
 A shared 2-core machine drifts by 10-30% within seconds, far more than the few percent being measured, so the
-three variants run in lockstep: one process each, taking turns one optimizer step at a time (a baton passed
-through semaphores from a global optimizer step hook; the waiting processes sleep). Step i of every variant thus
-runs within a second of the others, and the paired per-step ratios cancel the drift. A step is timed from taking
-the baton to the end of its optimizer step, so loading its batch counts. The first step of each epoch (process
-start, evaluation and checkpoint, loader start) is left out; the verdicts use the median of the paired ratios,
-with its spread (quartiles) beside it. Rounds rotate which variant goes first. Minor page faults per step are
+variants run in lockstep (``benchmarks/lockstep.py``): one process each, taking turns one optimizer step at a time,
+so that step i of every variant runs within a second of the others and the paired per-step ratios cancel the
+drift. The first step of each epoch (process start, evaluation and checkpoint, loader start) is left out; the
+verdicts use the median of the paired ratios, with its spread (quartiles) beside it. Minor page faults per step are
 printed for each variant: they are what the malloc settings remove.
 Targets (issue 5): ce/hand images/s >= 0.95; mr2 step time <= 1.03 x ce.
 
@@ -25,33 +23,21 @@ Targets (issue 5): ce/hand images/s >= 0.95; mr2 step time <= 1.03 x ce.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import functools
 import os
-import resource
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from lockstep import loss_ms, make_data, quartiles, quiet_finetune, run_rounds
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from _images import make_image_folder  # noqa: E402
-
-from mr2ft import finetune  # noqa: E402
-from mr2ft.backbones import load_backbone  # noqa: E402
-from mr2ft.classifier import Classifier  # noqa: E402
-from mr2ft.config import FinetuneConfig, build_config  # noqa: E402
-from mr2ft.data import TransformedDataset, load_dataset  # noqa: E402
-from mr2ft.perf import keep_freed_memory  # noqa: E402
+from mr2ft.backbones import load_backbone
+from mr2ft.classifier import Classifier
+from mr2ft.data import TransformedDataset, load_dataset
+from mr2ft.perf import keep_freed_memory
 
 
 def hand_loop(args: argparse.Namespace, data: Path) -> None:
@@ -82,145 +68,23 @@ def hand_loop(args: argparse.Namespace, data: Path) -> None:
             opt.step()
 
 
-def our_loop(args: argparse.Namespace, data: Path, loss: str, out: Path) -> None:
-    """``mr2ft.finetune.run`` with the same settings (Accelerate picks the device: the GPU when there is one)."""
-    cfg = build_config(
-        FinetuneConfig,
-        backbone="timm",
+def one_variant(args: argparse.Namespace, data: Path, tmp: Path, name: str) -> None:
+    """Train variant ``name`` (in its own lockstep process): a hand loop, or ``mr2ft finetune`` with that loss."""
+    if name.startswith("hand"):
+        if name == "hand_tuned":
+            keep_freed_memory()
+        hand_loop(args, data)
+        return
+    common = {"lr": args.lr, "weight_decay": 0.05, "epochs": args.epochs, "batch_size": args.batch_size}
+    common |= {"image_size": args.image_size, "num_workers": args.num_workers, "seed": args.seed}
+    quiet_finetune(
+        tmp / f"run-{name}",
         model=args.model,
-        weights="none",
         dataset=str(data),
-        loss=loss,
-        lr=args.lr,
-        weight_decay=0.05,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        seed=args.seed,
-        out=str(out),
-        overwrite=True,
+        loss=name,
         mixed_precision=args.mixed_precision,
-        image_size=args.image_size,
+        **common,
     )
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        finetune.run(cfg)
-
-
-class Baton:
-    """Round-robin turns between processes: one runs, the others wait on their semaphore."""
-
-    def __init__(self, me: int, semaphores: list, done: Any) -> None:
-        self.me, self.semaphores, self.done = me, semaphores, done
-
-    def _next(self) -> int | None:
-        n = len(self.semaphores)
-        for k in range(1, n + 1):
-            j = (self.me + k) % n
-            if not self.done[j]:
-                return j
-        return None
-
-    def wait(self) -> None:
-        self.semaphores[self.me].acquire()
-
-    def pass_on(self) -> None:
-        """Give the turn to the next unfinished process and wait for it to come back."""
-        j = self._next()
-        if j is not None and j != self.me:
-            self.semaphores[j].release()
-            self.wait()
-
-    def leave(self) -> None:
-        self.done[self.me] = 1
-        j = self._next()
-        if j is not None:
-            self.semaphores[j].release()
-
-
-def variant(
-    name: str, me: int, args: argparse.Namespace, data: Path, out: Path, semaphores: list, done: Any, queue: Any
-) -> None:
-    """One variant in its own process: run it, timing each optimizer step between turns."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    baton = Baton(me, semaphores, done)
-    times: list[float] = []
-    faults: list[int] = []
-    clock = {"start": 0.0, "faults": 0}
-
-    def after_step(*_: Any) -> None:
-        if args.device == "cuda":
-            torch.cuda.synchronize()  # the step is done when the GPU is, not when its kernels are queued
-        times.append(time.perf_counter() - clock["start"])
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - clock["faults"])
-        baton.pass_on()
-        clock["start"] = time.perf_counter()
-        clock["faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-    baton.wait()
-    handle = register_optimizer_step_post_hook(after_step)
-    clock["start"] = time.perf_counter()
-    clock["faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    try:
-        if name.startswith("hand"):
-            if name == "hand_tuned":
-                keep_freed_memory()
-            hand_loop(args, data)
-        else:
-            our_loop(args, data, name, out)
-    finally:
-        handle.remove()
-        baton.leave()
-        queue.put((name, (times, faults)))
-
-
-def lockstep(
-    args: argparse.Namespace, data: Path, order: list[str], tmp: Path
-) -> dict[str, tuple[list[float], list[int]]]:
-    """Run the variants in ``order`` step by step; returns each one's step times and page faults per step."""
-    ctx = mp.get_context("spawn")
-    semaphores = [ctx.Semaphore(0) for _ in order]
-    done = ctx.Array("b", len(order))
-    queue = ctx.Queue()
-    procs = [
-        ctx.Process(target=variant, args=(name, i, args, data, tmp / f"run-{name}", semaphores, done, queue))
-        for i, name in enumerate(order)
-    ]
-    for proc in procs:
-        proc.start()
-    semaphores[0].release()
-    results = dict(queue.get() for _ in procs)
-    for proc in procs:
-        proc.join()
-        if proc.exitcode != 0:
-            raise SystemExit(f"a benchmark process failed (exit code {proc.exitcode})")
-    return results
-
-
-def quartiles(values: list[float], fmt: str) -> str:
-    """``median [q1, q3]``."""
-    q1, q2, q3 = statistics.quantiles(values, n=4)
-    return f"{format(q2, fmt)} [{format(q1, fmt)}, {format(q3, fmt)}]"
-
-
-def loss_ms(name: str, batch: int, dim: int, classes: int, device: str, repeats: int = 200) -> float:
-    """Median forward+backward time of one loss alone (ms) on a batch like the loop's, statistics warmed up."""
-    from mr2ft.losses import build_loss
-
-    loss = build_loss(name, classes, dim).to(device).train()
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(batch, classes, generator=g).to(device).requires_grad_(True)
-    features = torch.randn(batch, dim, generator=g).to(device).requires_grad_(True)
-    targets = (torch.arange(batch) % classes).to(device)
-    times = []
-    for i in range(repeats + 10):
-        start = time.perf_counter()
-        loss(logits, features, targets)["loss"].backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 10:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
@@ -248,28 +112,13 @@ def main() -> None:
         "MR2 step time vs CE, %": ("mr2", "ce"),
     }
     steps = (args.classes * args.per_class) // args.batch_size
-    pairs: dict[str, list[float]] = {key: [] for key in comparisons}
-    medians: dict[str, list[float]] = {name: [] for name in names}
-    faults: dict[str, list[int]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        make_image_folder(data, args.classes, args.per_class, size=args.image_size, splits=("train",))
-        # A small test split: evaluation is not timed, so it only needs to exist.
-        make_image_folder(data, args.classes, 2, size=args.image_size, splits=("test",), seed=1)
-        for r in range(args.repeats):
-            k = r % len(names)
-            results = lockstep(args, data, names[k:] + names[:k], Path(tmp))
-            times = {name: t for name, (t, _) in results.items()}
-            counts = {name: len(t) for name, t in times.items()}
-            if set(counts.values()) != {steps * args.epochs}:
-                raise SystemExit(f"expected {steps * args.epochs} steps per variant, got {counts}")
-            # Leave out each epoch's first step: it carries process start, evaluation, checkpoints, loader start.
-            kept = [i for i in range(steps * args.epochs) if i % steps != 0]
-            for key, (a, b) in comparisons.items():
-                pairs[key] += [times[a][i] / times[b][i] for i in kept]
-            for name in names:
-                medians[name].append(statistics.median(times[name][i] for i in kept))
-                faults[name] += [results[name][1][i] for i in kept]
+        data = make_data(Path(tmp) / "data", args.classes, args.per_class, args.image_size)
+        job = functools.partial(one_variant, args, data, Path(tmp))
+        # Each epoch's first step (process start, evaluation, checkpoints, loader start) is left out.
+        rounds = run_rounds(job, names, comparisons, args.repeats, steps, args.epochs, skip=1, threads=args.threads)
+    medians, faults = rounds.medians, rounds.faults
+    pairs = {key: rounds.pooled(key) for key in comparisons}
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     bb = load_backbone("timm", args.model, "none", image_size=args.image_size)

@@ -117,7 +117,7 @@ RANGES: dict[str, Range] = {
     "label_smoothing": FRACTION,
     "samples_per_class": COUNT,
     "wise_alpha": UNIT,
-    "model_ema": Range(0, 1, low_open=True, high_open=True),
+    "model_ema": Range(0, 1, high_open=True),  # 0: off (turns off a recipe's EMA)
     "min_lr": NON_NEGATIVE,
     "checkpoint_every": COUNT,
     "eval_every": COUNT,
@@ -283,12 +283,11 @@ class FinetuneConfig(CommonConfig):
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the backbone
     channels_last: bool = False
-    model_ema: float | None = None  # decay of a weight EMA evaluated beside the raw weights
+    model_ema: float | None = None  # decay of a weight EMA evaluated beside the raw weights; None or 0: none
     min_lr: float = 0.0  # floor of the cosine schedule
 
 
-# Probe settings a study sets itself per method (loss, sweeps, baseline) or never uses (the JTT/LfF knobs, the
-# trackers: a study's probes log to metrics.jsonl only).
+# Probe settings a study sets itself per method (loss, sweeps, baseline) or never uses (the JTT/LfF knobs).
 STUDY_SETS_ITSELF = (
     "loss",
     "sweep_wd",
@@ -298,7 +297,6 @@ STUDY_SETS_ITSELF = (
     "jtt_upweight",
     "jtt_epochs",
     "lff_q",
-    "report_to",
 )
 _STUDY_OWN = (
     ("mode", str, "probe"),  # probe | finetune

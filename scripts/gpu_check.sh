@@ -45,8 +45,8 @@ check throughput "$speed" "$py" benchmarks/finetune_throughput.py --model vit_sm
     --image-size 224 --batch-size 128 --per-class 64 --num-workers 8 --repeats 4 --mixed-precision bf16
 check probe-cost "$(last 'whole probe')" "$py" benchmarks/probe_cost.py --model resnet50 --size 224 --per-class 100 \
     --batch 256 --workers 8
-check switches "$(last .)" "$py" benchmarks/finetune_switches.py --device cuda --model vit_base_patch16_224 \
-    --batch-size 64 --steps 10
+check switches "$(last .)" "$py" benchmarks/finetune_switches.py --model vit_base_patch16_224 --batch-size 64 \
+    --steps 16 --repeats 2 --num-workers 6 --mixed-precision bf16 --raw "$out/finetune_switches_gpu_steps.json"
 
 {
     printf '%-14s | %-11s | %7s | %s\n' check result seconds "headline (log: $out/CHECK.txt)"

@@ -79,12 +79,39 @@ def test_tiny_model_run_of_each_recipe(name, images, tmp_path):
     written = out / ("study.json" if command == "study" else "report.json")
     assert json.loads(written.read_text())
     if command != "study":
-        cfg = yaml.safe_load((out / "config.yaml").read_text())
-        recipe = load_recipe(name)
-        for key in ("loss", "optimizer", "head", "pool", "p", "layer_decay", "lr"):
-            if key in recipe and key in cfg:
-                # with a base lr (MAE's rule) the run records the lr it resolved from blr x effective batch / 256
-                want = recipe[key]
-                if key == "lr" and recipe.get("blr") is not None and command == "finetune":
-                    want = recipe["blr"] * cfg["batch_size"] * cfg.get("grad_accum", 1) / 256
-                assert cfg[key] == pytest.approx(want), key
+        assert_recipe_reached_the_run(load_recipe(name), yaml.safe_load((out / "config.yaml").read_text()))
+
+
+# Settings the tiny runs above type as flags over the recipe's.
+OVERRIDDEN = {"command", "description", "dataset", "weights", "model", "image_size", "out", "epochs", "batch_size"}
+OVERRIDDEN |= {"num_workers", "max_steps", "mixed_precision", "cache_dir"}
+
+
+def assert_recipe_reached_the_run(recipe: dict, cfg: dict) -> None:
+    """Every setting of the recipe that no flag overrode is the run's (its config.yaml)."""
+    for key, want in recipe.items():
+        if key in OVERRIDDEN or want is None:
+            continue
+        if key == "lr" and recipe.get("blr") is not None and recipe["command"] == "finetune":
+            # with a base lr (MAE's rule) the run records the lr it resolved from blr x effective batch / 256
+            want = recipe["blr"] * cfg["batch_size"] * cfg.get("grad_accum", 1) / 256
+        got = cfg[key]
+        assert got == (pytest.approx(want) if isinstance(want, float) else want), key
+
+
+def test_switches_a_recipe_turns_on_can_be_turned_off_by_flags(images, tmp_path):
+    """clip-vitb16-finetune turns on gradient checkpointing and a weight EMA; --no-grad-checkpointing and
+    --model-ema 0 turn them off (FSDP refuses an EMA)."""
+    recipe = load_recipe("clip-vitb16-finetune")
+    assert recipe["grad_checkpointing"] is True and recipe["model_ema"] > 0
+    tiny = write_tiny_checkpoint("clip", tmp_path / "weights")
+    out = tmp_path / "run"
+    args = ["finetune", "--recipe", "clip-vitb16-finetune", "--dataset", str(images), "--weights", tiny["weights"]]
+    args += ["--model", tiny["model"], "--image-size", "32", "--out", str(out), "--epochs", "1", "--batch-size", "6"]
+    args += ["--num-workers", "0", "--max-steps", "2", "--mixed-precision", "no"]
+    result = runner.invoke(app, [*args, "--no-grad-checkpointing", "--model-ema", "0"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["grad_checkpointing"] is False and cfg["model_ema"] == 0
+    assert not list(out.rglob("ema.safetensors"))
+    assert all("ema" not in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
