@@ -12,6 +12,7 @@ import sys
 import typer
 
 from mr2ft import __version__
+from mr2ft import cli_options as opt
 from mr2ft.cli_kit import DEBUG, OneLineErrors, check_paths, documented, settings, user_errors
 from mr2ft.config import RANGES, SEED_MAX, FinetuneConfig, ProbeConfig, StudyConfig, build_config
 
@@ -44,73 +45,35 @@ def main(
 # ---- commands -------------------------------------------------------------------------------------------------
 
 
-# Options that mean the same in every command that takes them (one definition, one help text).
-BACKBONE_OPT = typer.Option(None, "--backbone", help="Backbone family: clip, mae, mocov2 or timm.")
-BASELINE_OPT = typer.Option(None, "--baseline", help="A run whose per-class accuracy fixes the groups.")
-C_BAR_OPT = typer.Option(None, "--c-bar", help="MR2's average margin.")
-CACHE_DIR_OPT = typer.Option(None, "--cache-dir", help="Feature cache folder (default ~/.cache/mr2ft).")
-DATASET_OPT = typer.Option(None, "--dataset", help="Folder, CSV, hf:NAME[:CONFIG], or a known name.")
-EXTRACT_BATCH_SIZE_OPT = typer.Option(None, "--extract-batch-size", help="Batch of the feature pass.")
-IMAGE_COLUMN_OPT = typer.Option(None, "--image-column", help="Image column of an hf: dataset.")
-IMAGE_SIZE_OPT = typer.Option(None, "--image-size", help="Input size (default: the weights' own).")
-LABEL_COLUMN_OPT = typer.Option(None, "--label-column", help="Label column of an hf: dataset.")
-LR_OPT = typer.Option(None, "--lr", help="Learning rate.")
-MARGIN_MODE_OPT = typer.Option(None, "--margin-mode", help="scale (default) or additive.")
-MAX_PER_CLASS_OPT = typer.Option(None, "--max-per-class", help="At most N training images per class.")
-MODEL_OPT = typer.Option(None, "--model", help="Architecture (e.g. ViT-B-16, vit_base_patch16_224).")
-NORMALIZE_OPT = typer.Option(None, "--normalize/--no-normalize", help="L2-normalise features (CLIP's default is on).")
-NUM_WORKERS_OPT = typer.Option(None, "--num-workers", help="Image decoding workers.")
-OPTIMIZER_OPT = typer.Option(None, "--optimizer", help="adamw or sgd.")
-OUT_OPT = typer.Option(None, "--out", help="Run folder (default runs/<backbone>-<dataset>-<loss>-<time>).")
-OVERWRITE_OPT = typer.Option(None, "--overwrite", help="Replace an existing run folder.")
-P_OPT = typer.Option(None, "--p", help="Norm of MR2's class statistics (default 2; 5 when normalised).")
-POOL_OPT = typer.Option(None, "--pool", help="ViT pooling: cls or mean.")
-REPORT_TO_OPT = typer.Option(None, "--report-to", help="Trackers, comma-separated: tensorboard, wandb, mlflow, ...")
-SEED_OPT = typer.Option(None, "--seed", help="Seed of every random choice.")
-SHOTS_OPT = typer.Option(None, "--shots", help="Exactly K training images per class.")
-SKIP_BAD_IMAGES_OPT = typer.Option(
-    None, "--skip-bad-images/--no-skip-bad-images", help="Skip (and count) corrupt images instead of stopping."
-)
-FOLLOW_LINKS_OPT = typer.Option(
-    None, "--follow-links/--no-follow-links", help="Also follow folder links that leave the dataset root."
-)
-SWEEP_CRITERION_OPT = typer.Option(None, "--sweep-criterion", help="overall or hard (group accuracy).")
-TEST_MAX_PER_CLASS_OPT = typer.Option(
-    None, "--test-max-per-class", help="At most N test images per class (a quicker, balanced test)."
-)
-WARMUP_EPOCHS_OPT = typer.Option(None, "--warmup-epochs", help="Linear warm-up, then cosine.")
-WEIGHTS_OPT = typer.Option(
-    None, "--weights", help="Pretrained tag, hub id, local file or folder; 'none' for random weights."
-)
-
-
+# Options that mean the same in every command that takes them have one definition (and one help text) in
+# mr2ft.cli_options (``opt.*``).
 @app.command("probe")
 @user_errors
 @documented(ProbeConfig)
 def probe_command(
     ctx: typer.Context,
-    backbone: str | None = BACKBONE_OPT,
-    model: str | None = MODEL_OPT,
-    weights: str | None = WEIGHTS_OPT,
-    dataset: str | None = DATASET_OPT,
-    image_column: str | None = IMAGE_COLUMN_OPT,
-    label_column: str | None = LABEL_COLUMN_OPT,
+    backbone: str | None = opt.BACKBONE_OPT,
+    model: str | None = opt.MODEL_OPT,
+    weights: str | None = opt.WEIGHTS_OPT,
+    dataset: str | None = opt.DATASET_OPT,
+    image_column: str | None = opt.IMAGE_COLUMN_OPT,
+    label_column: str | None = opt.LABEL_COLUMN_OPT,
     val_fraction: float | None = typer.Option(None, "--val-fraction", help="Share of train held out for choices."),
-    shots: int | None = SHOTS_OPT,
-    max_per_class: int | None = MAX_PER_CLASS_OPT,
-    test_max_per_class: int | None = TEST_MAX_PER_CLASS_OPT,
-    skip_bad_images: bool | None = SKIP_BAD_IMAGES_OPT,
-    follow_links: bool | None = FOLLOW_LINKS_OPT,
-    normalize: bool | None = NORMALIZE_OPT,
-    pool: str | None = POOL_OPT,
-    image_size: int | None = IMAGE_SIZE_OPT,
+    shots: int | None = opt.SHOTS_OPT,
+    max_per_class: int | None = opt.MAX_PER_CLASS_OPT,
+    test_max_per_class: int | None = opt.TEST_MAX_PER_CLASS_OPT,
+    skip_bad_images: bool | None = opt.SKIP_BAD_IMAGES_OPT,
+    follow_links: bool | None = opt.FOLLOW_LINKS_OPT,
+    normalize: bool | None = opt.NORMALIZE_OPT,
+    pool: str | None = opt.POOL_OPT,
+    image_size: int | None = opt.IMAGE_SIZE_OPT,
     loss: str | None = typer.Option(None, "--loss", help="ce, mr2, uniform, focal, ldam, la, dro, jtt or lff."),
-    c_bar: float | None = C_BAR_OPT,
-    p: float | None = P_OPT,
-    margin_mode: str | None = MARGIN_MODE_OPT,
+    c_bar: float | None = opt.C_BAR_OPT,
+    p: float | None = opt.P_OPT,
+    margin_mode: str | None = opt.MARGIN_MODE_OPT,
     head: str | None = typer.Option(None, "--head", help="linear, bn_linear (MAE), zeroshot (CLIP), cosine (LDAM)."),
-    optimizer: str | None = OPTIMIZER_OPT,
-    lr: float | None = LR_OPT,
+    optimizer: str | None = opt.OPTIMIZER_OPT,
+    lr: float | None = opt.LR_OPT,
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay."),
     epochs: int | None = typer.Option(
         None, "--epochs", help="Epochs over the cached features (default: train until the loss stops improving)."
@@ -128,11 +91,11 @@ def probe_command(
     ),
     blr: float | None = typer.Option(None, "--blr", help="Base lr: lr = blr x batch / 256 (MAE's rule)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size of the head's training."),
-    warmup_epochs: float | None = WARMUP_EPOCHS_OPT,
-    seed: int | None = SEED_OPT,
-    num_workers: int | None = NUM_WORKERS_OPT,
-    extract_batch_size: int | None = EXTRACT_BATCH_SIZE_OPT,
-    cache_dir: str | None = CACHE_DIR_OPT,
+    warmup_epochs: float | None = opt.WARMUP_EPOCHS_OPT,
+    seed: int | None = opt.SEED_OPT,
+    num_workers: int | None = opt.NUM_WORKERS_OPT,
+    extract_batch_size: int | None = opt.EXTRACT_BATCH_SIZE_OPT,
+    cache_dir: str | None = opt.CACHE_DIR_OPT,
     feature_memory: str | None = typer.Option(None, "--feature-memory", help="memory, stream (the store) or auto."),
     streaming: bool | None = typer.Option(
         None, "--streaming/--no-streaming", help="Stream an hf: dataset (read in order, not downloaded up front)."
@@ -144,12 +107,12 @@ def probe_command(
         None, "--sweep-temperature/--no-sweep-temperature", help="Choose CE's global temperature on validation."
     ),
     cbar_grid: str | None = typer.Option(None, "--cbar-grid", help="Comma-separated c_bar / temperature grid."),
-    sweep_criterion: str | None = SWEEP_CRITERION_OPT,
+    sweep_criterion: str | None = opt.SWEEP_CRITERION_OPT,
     jtt_upweight: float | None = typer.Option(None, "--jtt-upweight", help="JTT's upweight of ERM errors."),
-    baseline: str | None = BASELINE_OPT,
-    out: str | None = OUT_OPT,
-    overwrite: bool | None = OVERWRITE_OPT,
-    report_to: str | None = REPORT_TO_OPT,
+    baseline: str | None = opt.BASELINE_OPT,
+    out: str | None = opt.OUT_OPT,
+    overwrite: bool | None = opt.OVERWRITE_OPT,
+    report_to: str | None = opt.REPORT_TO_OPT,
     recipe: str | None = typer.Option(None, "--recipe", help="Recipe name or YAML path; flags override it."),
 ) -> None:
     """Linear probe on cached features of a frozen backbone, with MR2 or any baseline loss."""
@@ -161,122 +124,78 @@ def probe_command(
     probe.run(cfg)
 
 
-# Options of finetune alone, defined here so that its signature keeps one line per option.
-FT_VAL_FRACTION_OPT = typer.Option(
-    None,
-    "--val-fraction",
-    help="Share of train held out for validation: the final test figures come from the best epoch on it "
-    "(default: none; then the last epoch's weights are reported and nothing is chosen).",
-)
-FT_TEMPERATURE_FACTOR_OPT = typer.Option(
-    None, "--temperature-factor", help="MR2's representation-margin temperature factor."
-)
-FT_BLR_OPT = typer.Option(
-    None, "--blr", help="Base lr, MAE's rule: lr = blr x batch per process x processes x grad accum / 256."
-)
-FT_MIXED_PRECISION_OPT = typer.Option(
-    None, "--mixed-precision", help="no, bf16 or fp16 (CUDA); default: accelerate's config."
-)
-FT_SAMPLES_PER_CLASS_OPT = typer.Option(
-    None, "--samples-per-class", help="Class-balanced batches with M samples of each drawn class."
-)
-FT_WISE_ALPHA_OPT = typer.Option(
-    None, "--wise-alpha", help="WiSE-FT: evaluate (1-A) zero-shot + A fine-tuned weights (needs --head zeroshot)."
-)
-FT_EARLY_STOP_OPT = typer.Option(
-    None, "--early-stop", help="Stop after N epochs without a validation improvement (needs a validation split)."
-)
-FT_RESUME_OPT = typer.Option(
-    None, "--resume", help="Continue a run: its folder (latest checkpoint) or one checkpoints/ckpt-* folder."
-)
-FT_RECIPE_OPT = typer.Option(
-    None, "--recipe", help="Recipe name or YAML path; flags override it (with --resume: the run's config.yaml)."
-)
-FT_TEMPLATES_OPT = typer.Option(
-    None, "--templates", help="--head zeroshot: prompt templates with {}, one per line or JSON."
-)
-FT_CLASS_NAMES_OPT = typer.Option(
-    None, "--class-names", help="--head zeroshot: names for the prompts (one per line, or a JSON renaming)."
-)
-FT_MODEL_EMA_OPT = typer.Option(
-    None, "--model-ema", help="Keep a weight EMA with this decay (e.g. 0.9998), evaluated beside the raw weights."
-)
-FT_GRAD_CHECKPOINTING_OPT = typer.Option(
-    None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations: less memory, slower."
-)
-FT_CHANNELS_LAST_OPT = typer.Option(
-    None, "--channels-last/--no-channels-last", help="channels_last memory format (faster convs on GPU)."
-)
-
-
 @app.command("finetune")
 @user_errors
 @documented(FinetuneConfig)
 def finetune_command(
     ctx: typer.Context,
-    backbone: str | None = BACKBONE_OPT,
-    model: str | None = MODEL_OPT,
-    weights: str | None = WEIGHTS_OPT,
-    dataset: str | None = DATASET_OPT,
-    image_column: str | None = IMAGE_COLUMN_OPT,
-    label_column: str | None = LABEL_COLUMN_OPT,
-    val_fraction: float | None = FT_VAL_FRACTION_OPT,
-    shots: int | None = SHOTS_OPT,
-    max_per_class: int | None = MAX_PER_CLASS_OPT,
-    test_max_per_class: int | None = TEST_MAX_PER_CLASS_OPT,
-    skip_bad_images: bool | None = SKIP_BAD_IMAGES_OPT,
-    follow_links: bool | None = FOLLOW_LINKS_OPT,
-    normalize: bool | None = NORMALIZE_OPT,
-    pool: str | None = POOL_OPT,
+    backbone: str | None = opt.BACKBONE_OPT,
+    model: str | None = opt.MODEL_OPT,
+    weights: str | None = opt.WEIGHTS_OPT,
+    dataset: str | None = opt.DATASET_OPT,
+    image_column: str | None = opt.IMAGE_COLUMN_OPT,
+    label_column: str | None = opt.LABEL_COLUMN_OPT,
+    val_fraction: float | None = opt.FT_VAL_FRACTION_OPT,
+    shots: int | None = opt.SHOTS_OPT,
+    max_per_class: int | None = opt.MAX_PER_CLASS_OPT,
+    test_max_per_class: int | None = opt.TEST_MAX_PER_CLASS_OPT,
+    skip_bad_images: bool | None = opt.SKIP_BAD_IMAGES_OPT,
+    follow_links: bool | None = opt.FOLLOW_LINKS_OPT,
+    normalize: bool | None = opt.NORMALIZE_OPT,
+    pool: str | None = opt.POOL_OPT,
     loss: str | None = typer.Option(None, "--loss", help="ce, mr2, uniform, focal, ldam, la or dro."),
-    c_bar: float | None = C_BAR_OPT,
+    c_bar: float | None = opt.C_BAR_OPT,
     lambda_rep: float | None = typer.Option(None, "--lambda-rep", help="Weight of MR2's representation margin."),
-    p: float | None = P_OPT,
+    p: float | None = opt.P_OPT,
     momentum: float | None = typer.Option(None, "--momentum", help="EMA momentum of MR2's class statistics."),
-    margin_mode: str | None = MARGIN_MODE_OPT,
-    temperature_factor: float | None = FT_TEMPERATURE_FACTOR_OPT,
+    margin_mode: str | None = opt.MARGIN_MODE_OPT,
+    temperature_factor: float | None = opt.FT_TEMPERATURE_FACTOR_OPT,
     head: str | None = typer.Option(None, "--head", help="linear, or zeroshot (CLIP: head from text prompts)."),
     optimizer: str | None = typer.Option(
         None, "--optimizer", help="Any timm optimizer: adamw, sgd (momentum 0.9), lamb, lars, lion, nadamw, ..."
     ),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (not scaled by batch size)."),
-    blr: float | None = FT_BLR_OPT,
+    blr: float | None = opt.FT_BLR_OPT,
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay (never on norms, biases)."),
     layer_decay: float | None = typer.Option(None, "--layer-decay", help="Layer-wise lr decay for ViTs (e.g. 0.65)."),
     drop_path: float | None = typer.Option(None, "--drop-path", help="Stochastic depth rate."),
-    image_size: int | None = IMAGE_SIZE_OPT,
+    image_size: int | None = opt.IMAGE_SIZE_OPT,
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs over the training split."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size per process."),
     grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
     grad_clip: float | None = typer.Option(None, "--grad-clip", help="Clip the gradient norm to this value."),
-    warmup_epochs: float | None = WARMUP_EPOCHS_OPT,
+    warmup_epochs: float | None = opt.WARMUP_EPOCHS_OPT,
     warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="Warm-up in steps (overrides epochs)."),
-    mixed_precision: str | None = FT_MIXED_PRECISION_OPT,
+    mixed_precision: str | None = opt.FT_MIXED_PRECISION_OPT,
     randaugment: str | None = typer.Option(None, "--randaugment", help="timm RandAugment, e.g. rand-m9-mstd0.5."),
     mixup: float | None = typer.Option(None, "--mixup", help="Mixup alpha (ce only)."),
     cutmix: float | None = typer.Option(None, "--cutmix", help="CutMix alpha (ce only)."),
     label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="Label smoothing (ce only)."),
-    samples_per_class: int | None = FT_SAMPLES_PER_CLASS_OPT,
-    wise_alpha: float | None = FT_WISE_ALPHA_OPT,
-    templates: str | None = FT_TEMPLATES_OPT,
-    class_names: str | None = FT_CLASS_NAMES_OPT,
-    min_lr: float | None = typer.Option(None, "--min-lr", help="Floor of the cosine schedule (absolute lr)."),
-    model_ema: float | None = FT_MODEL_EMA_OPT,
-    grad_checkpointing: bool | None = FT_GRAD_CHECKPOINTING_OPT,
-    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the backbone."),
-    channels_last: bool | None = FT_CHANNELS_LAST_OPT,
-    report_to: str | None = REPORT_TO_OPT,
+    samples_per_class: int | None = opt.FT_SAMPLES_PER_CLASS_OPT,
+    wise_alpha: float | None = opt.FT_WISE_ALPHA_OPT,
+    templates: str | None = opt.FT_TEMPLATES_OPT,
+    class_names: str | None = opt.FT_CLASS_NAMES_OPT,
+    min_lr: float | None = typer.Option(
+        None, "--min-lr", help="Floor of the cosine schedule (absolute lr; layer decay scales it like --lr)."
+    ),
+    model_ema: float | None = opt.FT_MODEL_EMA_OPT,
+    grad_checkpointing: bool | None = opt.FT_GRAD_CHECKPOINTING_OPT,
+    compile: bool | None = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile the backbone in place (the first steps compile it)."
+    ),
+    channels_last: bool | None = opt.FT_CHANNELS_LAST_OPT,
+    report_to: str | None = opt.REPORT_TO_OPT,
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate (and checkpoint) every N epochs."),
-    early_stop: int | None = FT_EARLY_STOP_OPT,
+    early_stop: int | None = opt.FT_EARLY_STOP_OPT,
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimizer steps (same schedule)."),
-    resume: str | None = FT_RESUME_OPT,
-    seed: int | None = SEED_OPT,
+    resume: str | None = opt.FT_RESUME_OPT,
+    seed: int | None = opt.SEED_OPT,
     num_workers: int | None = typer.Option(None, "--num-workers", help="Image decoding workers per process."),
-    baseline: str | None = BASELINE_OPT,
-    out: str | None = OUT_OPT,
-    overwrite: bool | None = OVERWRITE_OPT,
-    recipe: str | None = FT_RECIPE_OPT,
+    baseline: str | None = opt.BASELINE_OPT,
+    out: str | None = opt.OUT_OPT,
+    overwrite: bool | None = opt.OVERWRITE_OPT,
+    recipe: str | None = opt.FT_RECIPE_OPT,
 ) -> None:
     """Fine-tune a backbone end to end (one process, or many under `accelerate launch -m mr2ft finetune`)."""
     values = settings(ctx)
@@ -353,12 +272,12 @@ def compare_command(
 @documented(StudyConfig)
 def study_command(
     ctx: typer.Context,
-    backbone: str | None = BACKBONE_OPT,
-    model: str | None = MODEL_OPT,
-    weights: str | None = WEIGHTS_OPT,
-    dataset: str | None = DATASET_OPT,
-    image_column: str | None = IMAGE_COLUMN_OPT,
-    label_column: str | None = LABEL_COLUMN_OPT,
+    backbone: str | None = opt.BACKBONE_OPT,
+    model: str | None = opt.MODEL_OPT,
+    weights: str | None = opt.WEIGHTS_OPT,
+    dataset: str | None = opt.DATASET_OPT,
+    image_column: str | None = opt.IMAGE_COLUMN_OPT,
+    label_column: str | None = opt.LABEL_COLUMN_OPT,
     mode: str | None = typer.Option(None, "--mode", help="probe (heads on cached features) or finetune (end to end)."),
     seeds: int | None = typer.Option(None, "--seeds", help="Training seeds per method (default 3)."),
     n_boot: int | None = typer.Option(None, "--n-boot", help="Paired bootstrap resamples for the intervals."),
@@ -372,32 +291,33 @@ def study_command(
     val_fraction: float | None = typer.Option(
         None, "--val-fraction", help="Share of train held out for the choices (probe: default 0.2)."
     ),
-    shots: int | None = SHOTS_OPT,
-    max_per_class: int | None = MAX_PER_CLASS_OPT,
-    test_max_per_class: int | None = TEST_MAX_PER_CLASS_OPT,
-    skip_bad_images: bool | None = SKIP_BAD_IMAGES_OPT,
-    follow_links: bool | None = FOLLOW_LINKS_OPT,
-    normalize: bool | None = NORMALIZE_OPT,
-    pool: str | None = POOL_OPT,
-    image_size: int | None = IMAGE_SIZE_OPT,
+    shots: int | None = opt.SHOTS_OPT,
+    max_per_class: int | None = opt.MAX_PER_CLASS_OPT,
+    test_max_per_class: int | None = opt.TEST_MAX_PER_CLASS_OPT,
+    skip_bad_images: bool | None = opt.SKIP_BAD_IMAGES_OPT,
+    follow_links: bool | None = opt.FOLLOW_LINKS_OPT,
+    normalize: bool | None = opt.NORMALIZE_OPT,
+    pool: str | None = opt.POOL_OPT,
+    image_size: int | None = opt.IMAGE_SIZE_OPT,
     c_bar: float | None = typer.Option(None, "--c-bar", help="finetune mode: the control's and MR2's c_bar."),
-    p: float | None = P_OPT,
-    margin_mode: str | None = MARGIN_MODE_OPT,
+    p: float | None = opt.P_OPT,
+    margin_mode: str | None = opt.MARGIN_MODE_OPT,
     head: str | None = typer.Option(None, "--head", help="linear, bn_linear (MAE probe protocol) or zeroshot (CLIP)."),
-    optimizer: str | None = OPTIMIZER_OPT,
-    lr: float | None = LR_OPT,
+    optimizer: str | None = opt.OPTIMIZER_OPT,
+    lr: float | None = opt.LR_OPT,
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs of each fit."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size of each fit."),
-    warmup_epochs: float | None = WARMUP_EPOCHS_OPT,
+    warmup_epochs: float | None = opt.WARMUP_EPOCHS_OPT,
     seed: int | None = typer.Option(None, "--seed", help="First training seed, and the validation split's seed."),
-    num_workers: int | None = NUM_WORKERS_OPT,
-    extract_batch_size: int | None = EXTRACT_BATCH_SIZE_OPT,
-    cache_dir: str | None = CACHE_DIR_OPT,
+    num_workers: int | None = opt.NUM_WORKERS_OPT,
+    extract_batch_size: int | None = opt.EXTRACT_BATCH_SIZE_OPT,
+    cache_dir: str | None = opt.CACHE_DIR_OPT,
     wd_grid: str | None = typer.Option(None, "--wd-grid", help="Comma-separated weight decays tried on validation."),
     cbar_grid: str | None = typer.Option(
         None, "--cbar-grid", help="Comma-separated grid of MR2's and the control's c_bar (and ERM's temperature)."
     ),
-    sweep_criterion: str | None = SWEEP_CRITERION_OPT,
+    sweep_criterion: str | None = opt.SWEEP_CRITERION_OPT,
+    report_to: str | None = opt.REPORT_TO_OPT,
     out: str | None = typer.Option(None, "--out", help="Study folder (default runs/<backbone>-<dataset>-study-TIME)."),
     overwrite: bool | None = typer.Option(None, "--overwrite", help="Replace an existing study folder."),
     recipe: str | None = typer.Option(
@@ -460,9 +380,9 @@ def eval_command(
         None, "--class-names", help="Rename the dataset's classes: one name per line or JSON (list or object)."
     ),
     baseline: str | None = typer.Option(None, "--baseline", help="Run that fixes the groups (default: RUN itself)."),
-    image_column: str | None = IMAGE_COLUMN_OPT,
-    label_column: str | None = LABEL_COLUMN_OPT,
-    cache_dir: str | None = CACHE_DIR_OPT,
+    image_column: str | None = opt.IMAGE_COLUMN_OPT,
+    label_column: str | None = opt.LABEL_COLUMN_OPT,
+    cache_dir: str | None = opt.CACHE_DIR_OPT,
     batch_size: int = FEATURE_BATCH_OPT,
     num_workers: int = WORKERS_OPT,
     out: str | None = typer.Option(None, "--out", help="New run folder (default runs/<run>-eval-<dataset>-<time>)."),
@@ -531,22 +451,22 @@ def export_command(
 @user_errors
 def zeroshot_command(
     backbone: str = typer.Option("clip", "--backbone", help="A family with a text tower: clip."),
-    model: str | None = MODEL_OPT,
-    weights: str | None = WEIGHTS_OPT,
-    dataset: str | None = DATASET_OPT,
-    image_column: str | None = IMAGE_COLUMN_OPT,
-    label_column: str | None = LABEL_COLUMN_OPT,
+    model: str | None = opt.MODEL_OPT,
+    weights: str | None = opt.WEIGHTS_OPT,
+    dataset: str | None = opt.DATASET_OPT,
+    image_column: str | None = opt.IMAGE_COLUMN_OPT,
+    label_column: str | None = opt.LABEL_COLUMN_OPT,
     val_fraction: float = typer.Option(0.0, "--val-fraction", help="As the probe's: the same test split."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split, as the probe's."),
-    test_max_per_class: int | None = TEST_MAX_PER_CLASS_OPT,
-    normalize: bool | None = NORMALIZE_OPT,
-    image_size: int | None = IMAGE_SIZE_OPT,
+    test_max_per_class: int | None = opt.TEST_MAX_PER_CLASS_OPT,
+    normalize: bool | None = opt.NORMALIZE_OPT,
+    image_size: int | None = opt.IMAGE_SIZE_OPT,
     templates: str | None = typer.Option(None, "--templates", help="Prompt templates with {}: one per line or JSON."),
     class_names: str | None = typer.Option(
         None, "--class-names", help="Names for the prompts: one per line, or JSON (list, or object folder: name)."
     ),
-    baseline: str | None = BASELINE_OPT,
-    cache_dir: str | None = CACHE_DIR_OPT,
+    baseline: str | None = opt.BASELINE_OPT,
+    cache_dir: str | None = opt.CACHE_DIR_OPT,
     batch_size: int = FEATURE_BATCH_OPT,
     num_workers: int = WORKERS_OPT,
     out: str | None = typer.Option(None, "--out", help="Run folder (default runs/clip-<dataset>-zeroshot-<time>)."),

@@ -506,17 +506,29 @@ def run(cfg: ProbeConfig, console: Console | None = None) -> Path:
             f"baseline {cfg.baseline} was run on other classes ({_names(baseline['class_names'])}) than "
             f"{data.splits.name} ({_names(data.splits.class_names)}); pass a baseline run on the same dataset"
         )
-    with (
-        run_folder(out_dir, overwrite=cfg.overwrite, resumable=False) as run_dir,
-        record_trackers(cfg, run_dir, run_dir / METRICS) as tracked,  # --report-to; None without trackers
-    ):
-        result = fit_probe(cfg, data, tracked or run_dir / METRICS, console=console)
-        report = write_probe_run(cfg, data, result, run_dir)
+    with run_folder(out_dir, overwrite=cfg.overwrite, resumable=False) as run_dir:
+        _, report = fit_and_write(cfg, data, run_dir, console)
+    print_summary(console, report, run_dir, cfg.loss)
+    return run_dir
+
+
+def fit_and_write(
+    cfg: ProbeConfig,
+    data: ProbeData,
+    run_dir: Path,
+    console: Console | None,
+    split_seed: int | None = None,
+    report_formats: str = "json,csv,md,html",
+) -> tuple[ProbeResult, dict]:
+    """Fit the probe and write its run folder (a probe's run, one run of a study); with ``cfg.report_to`` every
+    ``metrics.jsonl`` record's figures and the test figures also go to those trackers."""
+    with record_trackers(cfg, run_dir, run_dir / METRICS) as tracked:  # None without trackers
+        result = fit_probe(cfg, data, tracked or run_dir / METRICS, split_seed=split_seed, console=console)
+        report = write_probe_run(cfg, data, result, run_dir, report_formats)
         if tracked is not None:  # the test figures, at the final head's last step, with the saved classes' margins
             gamma = load_tensors(run_dir / CLASS_STATS)["gamma"]
             tracked.evaluation("test", report.get("summary", report), gamma, step=result.stopped.steps)
-    print_summary(console, report, run_dir, cfg.loss)
-    return run_dir
+    return result, report
 
 
 def _names(names: list[str], shown: int = 3) -> str:

@@ -551,6 +551,13 @@ CASES += [
         command="study",
     ),
     Case(
+        "study-unknown-tracker",
+        lambda w, out: [*study_args(w, out), "--report-to", "tensorbord"],
+        ("unknown --report-to tracker 'tensorbord'",),
+        "choose from",
+        command="study",
+    ),
+    Case(
         "recipe-value-of-the-wrong-type",
         lambda w, out: probe_args(w, out, "--recipe", str(w.recipe("text-lr.yaml", "lr: fast\n"))),
         ("--lr must be a number", "'fast'", "in recipe", "text-lr.yaml"),

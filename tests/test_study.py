@@ -16,6 +16,7 @@ import torch
 import yaml
 from PIL import Image
 from rich.console import Console
+from test_finetune_switches import read_scalars
 from typer.testing import CliRunner
 
 from mr2ft import study
@@ -305,7 +306,7 @@ def cli_study(images, tmp_path_factory):
     out = root / "study"
     torch.manual_seed(1234)
     args = ["study", *TINY, *FAST, *GRIDS, "--dataset", str(images), "--seeds", "2", "--out", str(out)]
-    result = runner.invoke(app, [*args, "--cache-dir", str(root / "cache")])
+    result = runner.invoke(app, [*args, "--cache-dir", str(root / "cache"), "--report-to", "tensorboard"])
     assert result.exit_code == 0, (result.output, result.exception)
     return out, result.output
 
@@ -319,6 +320,11 @@ def test_cli_writes_the_study_folder_and_prints_the_verdict_and_the_rule(cli_stu
             run_dir = out / f"{m}-seed{i}"
             for name in ("predictions.safetensors", "class_stats.safetensors", "config.yaml", "report.json"):
                 assert (run_dir / name).is_file(), (run_dir, name)
+            # --report-to: each run's head fits and test figures reach its own tracker folder
+            scalars = read_scalars(run_dir)
+            assert scalars["probe/final/train_loss"] and scalars["test/top1"], (run_dir, sorted(scalars))
+            top1 = json.loads((run_dir / "report.json").read_text())["summary"]["top1"]
+            assert scalars["test/top1"][0][1] == pytest.approx(top1, rel=1e-5)
     # In a probe with scale margins the control would be ERM itself: no control runs.
     assert not list(out.glob("uniform-seed*"))
     s = json.loads((out / "study.json").read_text())

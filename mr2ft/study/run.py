@@ -238,8 +238,7 @@ def _probe_runs(cfg: StudyConfig, out_dir: Path, console: Console) -> tuple[list
             run_dir.mkdir(parents=True)
             run_cfg = method_config(base, method, seed, baseline=None if method == "ce" else str(erm_dir))
             console.print(f"[bold]{LABELS[method]}[/bold], seed {seed} -> {run_dir}")
-            result = probe.fit_probe(run_cfg, data, run_dir / METRICS, split_seed=cfg.seed, console=console)
-            probe.write_probe_run(run_cfg, data, result, run_dir, RUN_REPORTS)
+            result, _ = probe.fit_and_write(run_cfg, data, run_dir, console, cfg.seed, RUN_REPORTS)
             split = result.val_source or split
             records.append(_record(method, seed, run_dir, result.weight_decay, result.knob, sweep=True))
             if method == "ce":
