@@ -420,11 +420,15 @@ def predict_command(
     out: str = typer.Option("predictions.csv", "--out", help="The CSV to write."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
     num_workers: int = WORKERS_OPT,
+    cache_dir: str | None = opt.CACHE_DIR_OPT,
 ) -> None:
     """Label images with a finished run: one CSV row per image, top-k classes and probabilities, errors per row."""
     from mr2ft.predict import run_predict
 
-    path, pred = run_predict(run, inputs, top_k=top_k, out=out, batch_size=batch_size, num_workers=num_workers)
+    path, pred = run_predict(run, inputs, top_k=top_k, out=out, batch_size=batch_size, num_workers=num_workers,
+                             cache_dir=cache_dir)  # fmt: skip
+    if pred is None:  # another process of an accelerate launch: the main one writes
+        return
     failed = sum(1 for e in pred.errors if e)
     note = f", {failed} unreadable (see the error column)" if failed else ""
     typer.echo(f"wrote {path}: {len(pred.paths)} images{note}")

@@ -1,23 +1,29 @@
 """``mr2ft predict``: label new images with a finished run, top-k class names and probabilities per image.
 
 Inputs are image files, folders (searched recursively) and CSV files of paths (the ``path``/``image``/``file``
-column, or the first; paths relative to the CSV's folder). Images are decoded by DataLoader workers in batches; an
-image that cannot be read gets an ``error`` in its row instead of stopping the run. A missing input path is a user
-error before any work.
+column, or the first; paths relative to the CSV's folder). A missing input path is a user error before any work.
+
+The backbone's features come from the probe's extraction path and feature cache (:func:`mr2ft.features
+.stored_features`): decoded by DataLoader workers in batches, sharded over the processes of an ``accelerate launch``
+(the main process assembles them, scores and writes the CSV), cached under a key of the run's weights and the files'
+paths, sizes and modification times, so a killed or repeated prediction re-extracts only what is missing. An image
+that cannot be read gets an ``error`` in its row instead of stopping the run (it travels through the extraction as a
+flag in the target column; its message is read again on the main process).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mr2ft.errors import UserError
 from mr2ft.io import write_text
@@ -104,34 +110,68 @@ class Predictions:
     errors: list[str]
 
 
-@torch.no_grad()
-def predict_paths(
-    model: Any, paths: list[Path], batch_size: int = 64, num_workers: int = 2, console: Console | None = None
-) -> Predictions:
-    """Logits of ``model`` (a :class:`mr2ft.evaluate.TrainedModel`) for each image, batched, with a progress bar."""
-    from mr2ft.features import pick_device
+class _FlaggedFiles(Dataset):
+    """:class:`ImageFiles` as the extraction path reads a dataset: ``(image, 1 if unreadable else 0)``."""
 
-    device = pick_device()
+    def __init__(self, files: ImageFiles) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, error = self.files[i]
+        return image, int(bool(error))
+
+
+def files_fingerprint(paths: list[Path], preprocess: dict) -> str:
+    """Identity of the inputs of a prediction: each file's resolved path, size and modification time, in order, and
+    the preprocessing applied to them."""
+    h = hashlib.sha256(json.dumps(preprocess, sort_keys=True, default=str).encode())
+    for path in paths:
+        try:
+            st = path.stat()
+            h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # vanished or unreadable: its row says so; the key still names it
+            h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()[:32]
+
+
+def predict_paths(
+    model: Any,
+    paths: list[Path],
+    batch_size: int = 64,
+    num_workers: int = 2,
+    console: Console | None = None,
+    cache_dir: str | Path | None = None,
+) -> Predictions | None:
+    """Logits of ``model`` (a :class:`mr2ft.evaluate.TrainedModel`) for each image through the extraction path (see
+    the module docstring); ``None`` on processes other than the main one of an ``accelerate launch``."""
+    from mr2ft import featrows
+    from mr2ft.evaluate import head_logits
+    from mr2ft.features import FeatureCache, cache_key, stored_features
+
     pre = model.backbone.preprocess
-    loader = DataLoader(
-        ImageFiles(paths, pre.eval_transform(), pre.input_size),
+    files = ImageFiles(paths, pre.eval_transform(), pre.input_size)
+    cache = FeatureCache(cache_dir)
+    store = stored_features(
+        cache,
+        cache_key(model.fingerprint, files_fingerprint(paths, pre.to_dict())),
+        model.backbone.model,
+        _FlaggedFiles(files),
         batch_size=batch_size,
         num_workers=num_workers,
-        shuffle=False,
+        description="predicting",
+        info={"backbone": str(model.backbone.source), "split": "predict", "dataset": f"{len(paths)} images"},
     )
-    console = console or Console(stderr=True)
-    out, errors = [], []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=console.is_terminal) as bar:
-        task = bar.add_task("predicting", total=len(paths))
-        for images, errs in loader:
-            logits = model.logits(images.to(device)).cpu()
-            bad = torch.tensor([bool(e) for e in errs])
-            logits[bad] = float("nan")
-            out.append(logits)
-            errors.extend(errs)
-            bar.advance(task, len(errs))
-    logits = torch.cat(out) if out else torch.zeros(0, model.num_classes)
+    if store is None:
+        return None
+    where, _ = featrows.choose_memory("auto", store.nbytes)
+    x = store.load()[0] if where == "memory" else featrows.StoredRows.of(store)
+    logits = head_logits(model.head, x) if len(paths) else torch.zeros(0, model.num_classes)
+    bad = store.targets.bool()
+    logits[bad] = float("nan")
+    errors = [files[i][1] if flag else "" for i, flag in enumerate(bad.tolist())]  # only the bad ones are re-read
     return Predictions(paths, logits, errors)
 
 
@@ -165,8 +205,10 @@ def run_predict(
     batch_size: int = 64,
     num_workers: int = 2,
     console: Console | None = None,
-) -> tuple[Path, Predictions]:
-    """Label every input image with ``run``'s model and write the CSV (atomically) to ``out``.
+    cache_dir: str | Path | None = None,
+) -> tuple[Path, Predictions | None]:
+    """Label every input image with ``run``'s model and write the CSV (atomically) to ``out``; the predictions are
+    ``None`` (and nothing is written) on processes other than the main one of an ``accelerate launch``.
 
     Raises:
         UserError: unknown run, a missing input, ``top_k`` below 1.
@@ -178,9 +220,10 @@ def run_predict(
     read_settings(Path(run))  # an unknown run fails before the inputs are listed
     paths = gather_inputs(inputs)
     model = load_trained(run)
-    pred = predict_paths(model, paths, batch_size=batch_size, num_workers=num_workers, console=console)
+    pred = predict_paths(model, paths, batch_size, num_workers, console, cache_dir)
     out = Path(out)
-    write_text(out, to_csv(pred, model.class_names, top_k))
+    if pred is not None:
+        write_text(out, to_csv(pred, model.class_names, top_k))
     return out, pred
 
 

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from _images import make_image_folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_feature_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Jobs run without --cache-dir (predict, some eval calls) cache features under $MR2FT_CACHE_DIR: a folder of
+    this test session, never the user's ~/.cache."""
+    before = os.environ.get("MR2FT_CACHE_DIR")
+    os.environ["MR2FT_CACHE_DIR"] = str(tmp_path_factory.mktemp("default-feature-cache"))
+    yield
+    if before is None:
+        os.environ.pop("MR2FT_CACHE_DIR", None)
+    else:
+        os.environ["MR2FT_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="module")

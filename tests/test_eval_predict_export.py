@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,14 +121,26 @@ def new_images(work) -> Path:
 
 
 def predict_logits(run: Path, inputs: list[Path], out: Path) -> tuple[list[dict], torch.Tensor]:
-    """``mr2ft predict`` rows, and the logits of the same images from the loaded run (the reference)."""
+    """``mr2ft predict`` rows, and the reference: the loaded run's logits of each image opened with PIL and its
+    eval transform, one at a time (NaN for an image PIL cannot open)."""
+    from PIL import Image
+
+    from mr2ft.predict import gather_inputs
+
     ok(["predict", run, *inputs, "--out", out, "--top-k", "2", "--num-workers", "0"])
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    from mr2ft.predict import gather_inputs, predict_paths
-
-    pred = predict_paths(load_trained(run), gather_inputs([str(p) for p in inputs]), num_workers=0)
-    return rows, pred.logits
+    model = load_trained(run)
+    transform = model.backbone.preprocess.eval_transform()
+    reference = []
+    for path in gather_inputs([str(p) for p in inputs]):
+        try:
+            image = transform(Image.open(path).convert("RGB"))
+        except OSError:
+            reference.append(torch.full((model.num_classes,), float("nan")))
+            continue
+        reference.append(model.logits(image[None])[0])
+    return rows, torch.stack(reference)
 
 
 def fresh_interpreter(jobs: list[tuple[str, str, list[str]]]) -> list[torch.Tensor]:
@@ -311,6 +324,27 @@ def test_predict_writes_top_k_rows_and_reports_unreadable_images_per_row(probe_r
         assert [row["class_1"], row["class_2"]] == [names[i] for i in top]
         assert float(row["prob_1"]) == pytest.approx(float(probs[top[0]]), abs=1e-6) and not row["error"]
     assert "does not exist" in error_line(["predict", probe_run, work / "missing.png"])
+
+
+def test_predict_reuses_the_extraction_cache_and_extracts_again_when_a_file_changes(
+    probe_run, new_images, work, monkeypatch
+):
+    folder = work / "to-predict"
+    shutil.copytree(new_images, folder)
+    args = ["predict", probe_run, folder, "--top-k", "2", "--num-workers", "0", "--cache-dir", work / "pcache"]
+    ok([*args, "--out", work / "first.csv"])
+    calls = []
+    real = features.extract_features
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ok([*args, "--out", work / "again.csv"])  # the same files: every feature from the cache
+    assert not calls and (work / "again.csv").read_text() == (work / "first.csv").read_text()
+    shutil.copy(folder / "class_00" / "0000.png", folder / "class_02" / "0000.png")  # one file's content changes
+    ok([*args, "--out", work / "changed.csv"])
+    assert calls  # extracted again, and that row now reads as its new content
+    rows = {r["path"]: r for r in csv.DictReader(open(work / "changed.csv", newline=""))}
+    same = [rows[str(folder / c / "0000.png")] for c in ("class_00", "class_02")]
+    assert same[0]["class_1"] == same[1]["class_1"] and same[0]["prob_1"] == same[1]["prob_1"]
+    assert rows[str(folder / "class_01" / "broken.png")]["error"]  # the message survives the cache
 
 
 # ---- export ----------------------------------------------------------------------------------------------------
