@@ -11,8 +11,8 @@ Checkpoints (``RUN/checkpoints/``)::
         model.safetensors           when complete: a kill at any moment leaves the old state or the new one.
                                     The full weights (gathered under FSDP), which eval and export read
         accelerate/                 ``accelerator.save_state``: the optimizer (``optimizer.bin``, or its shards),
-                                    the scaler, Accelerate's RNG states and, under FSDP only, the model as FSDP
-                                    saves it (unsharded, the model is model.safetensors alone)
+                                    the scaler, Accelerate's RNG states and, under FSDP or DeepSpeed only, the
+                                    model as they save it (unsharded, the model is model.safetensors alone)
         state.pt                    position, best, schedule, processes, sharding, fingerprints (``torch.save``)
         rank<r>.pt                  each process's RNG states, running epoch sums and gradient-share measurement
         loss_rank<r>.safetensors    each process's loss state (MR2 class statistics; identical on all ranks)

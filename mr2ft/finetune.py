@@ -17,10 +17,12 @@ The global RNGs therefore feed only the model (drop-path) and mixup, and their s
 with the optimizer, scheduler, scaler and loss states and the data position. A resumed run skips the batches
 already done and ends bit-identical to an uninterrupted one on CPU, whatever the number of DataLoader workers.
 
-Sharding. Under an ``accelerate config`` with FSDP the model and optimizer are sharded over the processes: each
-checkpoint saves them through ``accelerator.save_state`` and gathers the full weights for eval and export
-(:mod:`mr2ft.sharding`). DeepSpeed is refused (its checkpoints are read by unpickling), and so are ``--model-ema``
-and ``--wise-alpha`` under FSDP (they need the whole weights on every process).
+Sharding. Under an ``accelerate config`` with FSDP or DeepSpeed ZeRO-1/2 the model and optimizer are sharded over
+the processes: each checkpoint saves them through ``accelerator.save_state`` and gathers the full weights for eval and
+export (:mod:`mr2ft.sharding`). DeepSpeed's checkpoint files are read first with only tensors, plain values and four
+plain DeepSpeed classes allowed; DeepSpeed clips gradients as ``--grad-clip`` says, and the representation margin's
+gradient share is not measured under it. ZeRO-3 and Megatron-LM are refused, and so are ``--model-ema`` and
+``--wise-alpha`` under FSDP or DeepSpeed (they need the whole weights on every process).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The model and optimizer as Accelerate holds them: whole on every process, or sharded by FSDP.
+"""The model and optimizer as Accelerate holds them: whole on every process, sharded by FSDP, or inside a DeepSpeed
+ZeRO-1/2 engine.
 
 Owns: which sharding a run has (:func:`sharding`; a checkpoint resumes only under the same), the full weights of a
 possibly sharded model (:func:`full_weights`, gathered), the finite check over every process's shards
@@ -10,7 +11,10 @@ Safety. Accelerate reads its own files with ``torch.load(weights_only=True)`` (n
 torch's distributed checkpoints (FSDP's ``SHARDED_STATE_DICT``) keep a ``.metadata`` pickle that torch reads with
 plain ``pickle.load``. :func:`check_accelerate_files` reads every file first: ``weights_only=True``, and
 ``.metadata`` with only torch's checkpoint-metadata classes allowed; anything else is refused in one line. DeepSpeed
-reads its checkpoints by unpickling them, so mr2ft does not run under it (:func:`refuse_unsupported`).
+reads its checkpoints (``pytorch_model/*_states.pt``) with ``torch.load(weights_only=False)``: they are read first
+``weights_only=True`` with only four plain DeepSpeed classes allowed (:data:`DEEPSPEED_GLOBALS`); its
+``zero_to_*.py`` recovery scripts and ``latest`` tag file are never run or read on resume. Under DeepSpeed only
+ZeRO stages 1 and 2 run (ZeRO-3 partitions the weights, which mr2ft would have to gather).
 """
 
 from __future__ import annotations
@@ -28,9 +32,20 @@ from mr2ft.errors import UserError
 from mr2ft.io import load_tensors
 
 
+def _kind(accelerator: Any) -> str:
+    return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+
+
+def under_deepspeed(accelerator: Any) -> bool:
+    """Whether Accelerate runs the model in a DeepSpeed engine."""
+    return _kind(accelerator) == "DEEPSPEED"
+
+
 def sharding(accelerator: Any) -> str | None:
-    """How Accelerate shards the model and optimizer, e.g. ``"FSDP2 SHARDED_STATE_DICT"``; None when every process
-    holds them whole (one process, data parallel)."""
+    """How Accelerate shards the model and optimizer, e.g. ``"FSDP2 SHARDED_STATE_DICT"`` or ``"DeepSpeed ZeRO-2"``;
+    None when every process holds them whole (one process, data parallel)."""
+    if under_deepspeed(accelerator):
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if accelerator.distributed_type != "FSDP" or plugin is None:
         return None
@@ -42,15 +57,29 @@ def refuse_unsupported(accelerator: Any, model_ema: bool, wise: bool) -> None:
     """Refuse, before any work, what cannot run under this accelerate config.
 
     Raises:
-        UserError: DeepSpeed or Megatron-LM; an FSDP config that Accelerate ignored (it shards on GPUs only);
-            ``--model-ema`` or ``--wise-alpha`` under FSDP.
+        UserError: Megatron-LM; DeepSpeed ZeRO stages other than 1 and 2; an FSDP config that Accelerate ignored (it
+            shards on GPUs only); ``--model-ema`` or ``--wise-alpha`` under FSDP or DeepSpeed.
     """
-    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
-    name = {"DEEPSPEED": "DeepSpeed", "MEGATRON_LM": "Megatron-LM"}.get(kind)
-    if name:
+    kind = _kind(accelerator)
+    if kind == "MEGATRON_LM":
         raise UserError(
-            f"mr2ft does not run under {name}: its checkpoints can only be read back by unpickling them, which mr2ft "
-            "never does; shard with FSDP instead (accelerate config: distributed_type FSDP)"
+            "mr2ft does not run under Megatron-LM: its checkpoints can only be read back by unpickling them, which "
+            "mr2ft never does; shard with FSDP or DeepSpeed ZeRO-1/2 instead"
+        )
+    if kind == "DEEPSPEED":
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage not in (1, 2):
+            raise UserError(
+                f"mr2ft runs under DeepSpeed ZeRO stage 1 or 2 only, and this accelerate config asks for stage "
+                f"{stage}; set zero_stage 1 or 2 (ZeRO-3 partitions the weights: shard them with FSDP instead)"
+            )
+        for flag, used in (("--model-ema", model_ema), ("--wise-alpha", wise)):
+            if used:
+                raise UserError(f"{flag} does not run under DeepSpeed; drop {flag} or run without DeepSpeed")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and kind != "DEEPSPEED":
+        raise UserError(
+            f"the accelerate config asks for DeepSpeed, which Accelerate did not apply, and this run is {kind} "
+            "(it would silently run without it); check the config, or drop DeepSpeed (ACCELERATE_USE_DEEPSPEED=false)"
         )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != "FSDP":
         raise UserError(
@@ -66,10 +95,32 @@ def refuse_unsupported(accelerator: Any, model_ema: bool, wise: bool) -> None:
                 )
 
 
+def fit_deepspeed_config(accelerator: Any, grad_clip: float | None) -> None:
+    """Under DeepSpeed, which clips gradients itself (Accelerate's ``clip_grad_norm_`` does nothing there and its
+    default config clips at 1.0): make the config clip as ``--grad-clip`` says (no clipping without it). Call before
+    ``accelerator.prepare``; nothing without DeepSpeed.
+
+    Raises:
+        UserError: the DeepSpeed config sets another ``gradient_clipping`` than ``--grad-clip``.
+    """
+    if not under_deepspeed(accelerator):
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    want = float(grad_clip or 0.0)
+    have = config.get("gradient_clipping", "auto")
+    if have == "auto":
+        config["gradient_clipping"] = want
+    elif float(have) != want:
+        raise UserError(
+            f"the DeepSpeed config clips gradients at {have} and --grad-clip is {grad_clip}; make them agree (or set "
+            "gradient_clipping: auto in the DeepSpeed config to follow --grad-clip)"
+        )
+
+
 def keep_full_weights_ours(accelerator: Any) -> None:
     """Unsharded, the model's weights are ``model.safetensors`` alone (what eval and export read): these hooks
-    keep ``save_state`` / ``load_state`` to the optimizer, scaler and RNG states. Under FSDP Accelerate saves and
-    loads the model itself (these lists are then empty) and ``model.safetensors`` is the gathered copy."""
+    keep ``save_state`` / ``load_state`` to the optimizer, scaler and RNG states. Under FSDP and DeepSpeed Accelerate
+    saves and loads the model itself (these lists are then empty) and ``model.safetensors`` is the gathered copy."""
     accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
     accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
 
@@ -123,6 +174,33 @@ _METADATA_GLOBALS = {
 }
 
 
+# The classes DeepSpeed (0.19, ZeRO-1/2) pickles into its ``*_optim_states.pt`` besides tensors and plain values:
+# plain data (no __setstate__, __reduce__ or __new__ of their own; the enum is a lookup by value). Read with
+# ``weights_only=True``, these are built with ``__new__`` and their ``__dict__`` set, nothing else runs.
+DEEPSPEED_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),  # fp16
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+def _deepspeed_globals() -> list[Any]:
+    """The classes of :data:`DEEPSPEED_GLOBALS` that this DeepSpeed has ([] without DeepSpeed: its files are then
+    refused, as they name classes that are not allowed)."""
+    found = []
+    for module, name in DEEPSPEED_GLOBALS:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return found
+
+
+def _is_deepspeed_file(path: Path) -> bool:
+    return path.suffix == ".pt" and path.name.endswith(("_model_states.pt", "_optim_states.pt"))
+
+
 class _NotAllowed(pickle.UnpicklingError):
     pass
 
@@ -158,6 +236,11 @@ def check_accelerate_files(folder: Path) -> None:
                     _MetadataUnpickler(fh).load()
             elif path.suffix == ".safetensors":
                 load_tensors(path)
+            elif _is_deepspeed_file(path):
+                with torch.serialization.safe_globals(_deepspeed_globals()):
+                    accelerate_load(path, map_location="cpu", mmap=True)
+            elif path.parent == folder and (path.name == "latest" or path.name.startswith("zero_to_")):
+                continue  # DeepSpeed's tag file (Accelerate passes the tag) and recovery scripts: never read or run
             elif path.suffix != ".distcp":  # .distcp: raw tensor bytes; torch reads its other items weights_only
                 accelerate_load(path, map_location="cpu", mmap=True)
         except Exception as e:  # (torch's own message would suggest weights_only=False: not repeated here)
@@ -169,11 +252,14 @@ def check_accelerate_files(folder: Path) -> None:
 
 
 __all__ = [
+    "DEEPSPEED_GLOBALS",
     "check_accelerate_files",
+    "fit_deepspeed_config",
     "full_weights",
     "keep_full_weights_ours",
     "load_state",
     "refuse_unsupported",
     "sharding",
+    "under_deepspeed",
     "weights_finite",
 ]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mr2ft import checkpoints, runs
+from mr2ft import sharding as shard
 from mr2ft.checkpoints import BEST, CHECKPOINTS, TrainState, model_tensors
 from mr2ft.classifier import (
     Classifier,
@@ -51,7 +52,6 @@ from mr2ft.errors import UserError
 from mr2ft.io import append_jsonl, save_tensors, write_json
 from mr2ft.optim import build_optimizer
 from mr2ft.schedule import build_scheduler
-from mr2ft.sharding import full_weights, keep_full_weights_ours, sharding, weights_finite
 from mr2ft.tracking import StepProgress, Throughput, eval_scalars
 
 LOG_EVERY = 100  # optimizer steps between progress lines
@@ -137,8 +137,11 @@ class Trainer:
         loaders = self._loaders(has_val)
         optimizer = build_optimizer(model, bb, cfg)
         self.trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        shard.fit_deepspeed_config(accelerator, cfg.grad_clip)  # DeepSpeed clips itself: as --grad-clip says
+        # DeepSpeed's hooks fire on any autograd pass through the outputs: no share measurement there (null).
+        self.measure_share = not shard.under_deepspeed(accelerator)
         self.model, self.optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders)
-        keep_full_weights_ours(accelerator)  # model.safetensors holds them; save_state only the rest (or FSDP shards)
+        shard.keep_full_weights_ours(accelerator)  # model.safetensors holds them; save_state the rest (or the shards)
         self.train_dl, self.test_dl = prepared[0], prepared[1]
         self.eval_dl = prepared[2] if has_val else self.test_dl
         self.steps_per_epoch = math.ceil(len(self.train_dl) / cfg.grad_accum)
@@ -226,7 +229,7 @@ class Trainer:
             "test_fingerprint": self.splits.split_fingerprint("test"),  # which test images: comparable runs share it
             "preprocessing": bb.preprocess.to_dict(),
             "num_processes": accelerator.num_processes,
-            "sharding": sharding(accelerator),  # None, or e.g. "FSDP2 FULL_STATE_DICT"
+            "sharding": shard.sharding(accelerator),  # None, or e.g. "FSDP2 FULL_STATE_DICT"
             "effective_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
             "peak_lr": cfg.lr,
             "lr_scales": sorted({round(g["lr_scale"], 6) for g in self.optimizer.param_groups}),
@@ -251,7 +254,7 @@ class Trainer:
             UserError: the weights are no longer finite (a NaN/inf learning step): the last good checkpoint stays.
         """
         accelerator, st = self.accelerator, self.state
-        if not weights_finite(accelerator, self.model):
+        if not shard.weights_finite(accelerator, self.model):
             raise UserError(f"the weights became NaN/inf by step {st.step}; {self._kept()}; lower --lr and run again")
         rank = accelerator.process_index
         per_rank = {"rng": checkpoints.rng_state(), "sums": dict(st.sums), "count": st.count}
@@ -265,14 +268,14 @@ class Trainer:
 
     def _shared_files(self, metric: float | None) -> dict[str, Any]:
         accelerator, st = self.accelerator, self.state
-        weights = full_weights(accelerator, self.model)  # gathered under FSDP: every process takes part
+        weights = shard.full_weights(accelerator, self.model)  # gathered under FSDP: every process takes part
         if not self.main:
             return {}
         trainer_state = {
             **st.saved(),
             "scheduler": self.scheduler.state_dict(),
             "num_processes": accelerator.num_processes,
-            "sharding": sharding(accelerator),
+            "sharding": shard.sharding(accelerator),
             "backbone_fingerprint": str(self.bb.fingerprint),
             "dataset_fingerprint": str(self.splits.fingerprint),
         }
@@ -291,7 +294,7 @@ class Trainer:
         """
         accelerator, rank = self.accelerator, self.accelerator.process_index
         fingerprints = {"backbone": str(self.bb.fingerprint), "dataset": str(self.splits.fingerprint)}
-        state = checkpoints.read_state(ckpt, accelerator.num_processes, fingerprints, sharding(accelerator))
+        state = checkpoints.read_state(ckpt, accelerator.num_processes, fingerprints, shard.sharding(accelerator))
         loss_state = checkpoints.read_loss_state(ckpt, rank, set(self.loss_fn.state_dict()))
         per_rank = checkpoints.read(ckpt / f"rank{rank}.pt")
         ema = checkpoints.read(ckpt / EMA) if self.ema is not None else None
@@ -404,7 +407,7 @@ class Trainer:
             else:
                 out = self.loss_fn(logits, features, y)
             self._check_finite(out["loss"])
-            if self.state.grad_share is None:  # the epoch's first micro-batch: measure, then step as usual
+            if self.state.grad_share is None and self.measure_share:  # the epoch's first micro-batch: measure
                 self.state.grad_share = rep_grad_share(out, features)
             accelerator.backward(out["loss"])
             if accelerator.sync_gradients and cfg.grad_clip:

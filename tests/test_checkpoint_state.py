@@ -1,10 +1,12 @@
 """Issue 16: checkpoints through ``accelerator.save_state`` / ``load_state``.
 
-- FSDP2 on two CPU processes (gloo; see tests/_fsdp_cpu.py for how Accelerate is told to shard on a CPU): a run
+- FSDP2 on two CPU processes (gloo; see tests/_sharded_cpu.py for how Accelerate is told to shard on a CPU): a run
   stopped by ``--max-steps`` mid-epoch and resumed ends bit-identical to an uninterrupted one.
+- DeepSpeed ZeRO-2 on two CPU processes (tests/_sharded_cpu.py): the same, bit-identical.
 - A checkpoint of mr2ft 0.1 (``optimizer.pt``, no ``accelerate/``) still resumes, exactly.
-- No pickle in a checkpoint ever runs: Accelerate's files, torch's distributed-checkpoint ``.metadata`` and mr2ft's
-  own are read with only tensors and plain values allowed, and anything else is refused in one line.
+- No pickle in a checkpoint ever runs: Accelerate's files, torch's distributed-checkpoint ``.metadata``, DeepSpeed's
+  ``*_states.pt`` and mr2ft's own are read with only tensors and plain values allowed (and DeepSpeed's four plain
+  classes), and anything else is refused in one line.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def test_a_checkpoint_resumes_only_under_the_sharding_it_was_written_with(runs: 
         checkpoints.read_state(ckpt, 1, {}, "FSDP2 FULL_STATE_DICT")
 
 
-def test_deepspeed_an_ignored_fsdp_config_and_switches_needing_whole_weights_are_refused(monkeypatch) -> None:
+def test_megatron_zero_3_an_ignored_config_and_switches_needing_whole_weights_are_refused(monkeypatch) -> None:
     plugin = SimpleNamespace(fsdp_version=2, state_dict_type=SimpleNamespace(name="SHARDED_STATE_DICT"))
     fsdp = SimpleNamespace(distributed_type="FSDP", state=SimpleNamespace(fsdp_plugin=plugin))
     assert sharding.sharding(fsdp) == "FSDP2 SHARDED_STATE_DICT"
@@ -117,15 +119,47 @@ def test_deepspeed_an_ignored_fsdp_config_and_switches_needing_whole_weights_are
         sharding.refuse_unsupported(fsdp, model_ema=True, wise=False)
     with pytest.raises(UserError, match="--wise-alpha"):
         sharding.refuse_unsupported(fsdp, model_ema=False, wise=True)
-    deepspeed = SimpleNamespace(distributed_type="DEEPSPEED", state=SimpleNamespace())
-    with pytest.raises(UserError, match="does not run under DeepSpeed.*unpickling.*FSDP"):
-        sharding.refuse_unsupported(deepspeed, model_ema=False, wise=False)
+    megatron = SimpleNamespace(distributed_type="MEGATRON_LM", state=SimpleNamespace())
+    with pytest.raises(UserError, match="does not run under Megatron-LM.*unpickling.*FSDP or DeepSpeed ZeRO-1/2"):
+        sharding.refuse_unsupported(megatron, model_ema=False, wise=False)
+    for stage in (0, 3):
+        zero = SimpleNamespace(distributed_type="DEEPSPEED", state=SimpleNamespace(deepspeed_plugin=SimpleNamespace()))
+        zero.state.deepspeed_plugin.zero_stage = stage
+        with pytest.raises(UserError, match=f"ZeRO stage 1 or 2 only.*asks for stage {stage}"):
+            sharding.refuse_unsupported(zero, model_ema=False, wise=False)
+    zero2 = SimpleNamespace(distributed_type="DEEPSPEED", state=SimpleNamespace(deepspeed_plugin=SimpleNamespace()))
+    zero2.state.deepspeed_plugin.zero_stage = 2
+    assert sharding.sharding(zero2) == "DeepSpeed ZeRO-2"
+    with pytest.raises(UserError, match="--model-ema does not run under DeepSpeed"):
+        sharding.refuse_unsupported(zero2, model_ema=True, wise=False)
+    sharding.refuse_unsupported(zero2, model_ema=False, wise=False)
     ddp = SimpleNamespace(distributed_type="MULTI_CPU", state=SimpleNamespace())
     sharding.refuse_unsupported(ddp, model_ema=True, wise=True)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # `accelerate launch --use_fsdp` on CPUs: no FSDP, no error
     with pytest.raises(UserError, match="asks for FSDP, which Accelerate applies on GPUs only.*MULTI_CPU"):
         sharding.refuse_unsupported(ddp, model_ema=False, wise=False)
     sharding.refuse_unsupported(fsdp, model_ema=False, wise=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # e.g. `accelerate launch --use_deepspeed --cpu`
+    with pytest.raises(UserError, match="asks for DeepSpeed, which Accelerate did not apply.*MULTI_CPU"):
+        sharding.refuse_unsupported(ddp, model_ema=False, wise=False)
+
+
+def test_deepspeed_clips_gradients_as_grad_clip_says() -> None:
+    """DeepSpeed clips gradients itself (Accelerate's default config: at 1.0); --grad-clip decides."""
+
+    def run(clipping: object) -> SimpleNamespace:
+        plugin = SimpleNamespace(zero_stage=2, deepspeed_config={"gradient_clipping": clipping})
+        return SimpleNamespace(distributed_type="DEEPSPEED", state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    for grad_clip, want in ((None, 0.0), (2.5, 2.5)):
+        accelerator = run("auto")
+        sharding.fit_deepspeed_config(accelerator, grad_clip)
+        assert accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == want
+    sharding.fit_deepspeed_config(run(1.0), 1.0)
+    with pytest.raises(UserError, match="clips gradients at 1.0 and --grad-clip is None"):
+        sharding.fit_deepspeed_config(run(1.0), None)
+    sharding.fit_deepspeed_config(SimpleNamespace(distributed_type="MULTI_CPU"), None)  # nothing without DeepSpeed
 
 
 # ---- no pickle runs -----------------------------------------------------------------------------------------------
@@ -197,6 +231,33 @@ def test_distributed_checkpoint_metadata_allows_torchs_classes_only(tmp_path: Pa
     assert not marker.exists()
 
 
+def test_deepspeed_checkpoint_files_allow_its_plain_classes_only(tmp_path: Path) -> None:
+    deepspeed = pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    folder = tmp_path / "accelerate"
+    (folder / "pytorch_model").mkdir(parents=True)
+    optim = folder / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    # What DeepSpeed 0.19 writes for ZeRO-1/2, in small.
+    state = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients, "partition_count": [2]}
+    state["param_slice_mappings"] = [{"w": fragment_address(numel=4, start=0)}]
+    torch.save({"optimizer_state_dict": state, "ds_version": deepspeed.__version__}, optim)
+    torch.save({"module": {"w": torch.zeros(4)}}, folder / "pytorch_model" / "mp_rank_00_model_states.pt")
+    (folder / "latest").write_text("pytorch_model")
+    (folder / "zero_to_fp32.py").write_text("raise SystemExit('never run')\n")
+    sharding.check_accelerate_files(folder)
+    marker = tmp_path / "ran"
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for bad in (Payload(marker), DeepSpeedZeroConfig()):  # arbitrary code; a DeepSpeed class not allowed
+        torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "x": bad}}, optim)
+        with pytest.raises(UserError, match="optim_states.pt is unreadable or holds more than tensors"):
+            sharding.check_accelerate_files(folder)
+    assert not marker.exists()
+
+
 # ---- FSDP --------------------------------------------------------------------------------------------------------
 
 
@@ -206,12 +267,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_fsdp_on_two_cpu_processes_stops_and_resumes_bit_identical(tmp_path: Path) -> None:
+def stop_and_resume_runs(tmp_path: Path) -> tuple[Path, Path]:
+    """Write ``runs.json`` for tests/_sharded_cpu.py: a whole run, the same stopped after step 2 (inside the epoch)
+    and its resume; returns the two run folders."""
     images = make_image_folder(tmp_path / "images", num_classes=3, per_class=6, size=32)
     flags = tiny_flags(tmp_path, images)
     flags[flags.index("--batch-size") + 1] = "3"  # 3 x 2 processes: 3 steps an epoch, as in one process
-    flags[flags.index("--epochs") + 1] = "1"  # stopped after step 2, inside the epoch
+    flags[flags.index("--epochs") + 1] = "1"
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     runs = [
         ["finetune", *flags, "--out", str(whole)],
@@ -219,10 +281,16 @@ def test_fsdp_on_two_cpu_processes_stops_and_resumes_bit_identical(tmp_path: Pat
         ["finetune", "--resume", str(parts), "--num-workers", "0"],
     ]
     (tmp_path / "runs.json").write_text(json.dumps(runs))
+    return whole, parts
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_stops_and_resumes_bit_identical(tmp_path: Path) -> None:
+    whole, parts = stop_and_resume_runs(tmp_path)
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    cmd += [str(REPO / "tests" / "_fsdp_cpu.py"), str(tmp_path / "runs.json")]
+    cmd += [str(REPO / "tests" / "_sharded_cpu.py"), "fsdp", str(tmp_path / "runs.json")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_STATE_DICT_TYPE="SHARDED_STATE_DICT")
     env.update(FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP", FSDP_TRANSFORMER_CLS_TO_WRAP="Block")
@@ -244,3 +312,34 @@ def test_fsdp_on_two_cpu_processes_stops_and_resumes_bit_identical(tmp_path: Pat
     trained = load_trained(whole)
     weights = load_tensors(ckpt / "model.safetensors")
     assert torch.equal(trained.head.weight, weights["head.weight"])
+
+
+# ---- DeepSpeed ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_2_on_two_cpu_processes_stops_and_resumes_bit_identical(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    whole, parts = stop_and_resume_runs(tmp_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    cmd += [str(REPO / "tests" / "_sharded_cpu.py"), "deepspeed", str(tmp_path / "runs.json")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming" in proc.stdout and "at step 2 (epoch 1, batch 2)" in proc.stdout
+    assert "sharded by DeepSpeed ZeRO-2" in proc.stdout
+    ckpt = checkpoints.find_checkpoint(parts)[1]
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert state["sharding"] == "DeepSpeed ZeRO-2" and state["num_processes"] == 2
+    saved = {str(p.relative_to(ckpt / "accelerate")) for p in (ckpt / "accelerate").rglob("*") if p.is_file()}
+    assert {
+        "pytorch_model/mp_rank_00_model_states.pt",
+        "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "random_states_1.pkl",
+    } <= saved
+    sharding.check_accelerate_files(ckpt / "accelerate")  # what DeepSpeed writes passes the allowlist
+    assert_same_run(whole, parts, ranks=2)
+    # Not measured under DeepSpeed (its backward hooks on the model's outputs): logged as null.
+    assert all(r.get("rep_grad_share") is None for r in read_jsonl(whole / "metrics.jsonl") if "epoch" in r)
