@@ -27,6 +27,11 @@ from accelerate.utils import DistributedType
 def main(kind: str, runs_file: str) -> None:
     from mr2ft.cli import app
 
+    if kind == "deepspeed":  # DeepSpeed's CPU all-reduce over shared memory is a C++ op compiled on first use (most
+        # of a minute on 2 cores, on every fresh machine); gloo, which it otherwise uses, does the same reduction
+        import importlib
+
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # (deepspeed.comm.torch is torch)
     state = PartialState(cpu=True)  # the gloo process group
     assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
     # Each run ends with accelerator.end_training(), which ends the process group: keep it for the next run.
