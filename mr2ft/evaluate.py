@@ -306,8 +306,8 @@ def features_of(
     )
     if store is None:  # another process of an accelerate launch: the main one scores
         return None
-    where, _ = featrows.choose_memory("auto", store.nbytes)
-    got = store.load() if where == "memory" else (featrows.StoredRows.of(store), store.targets)
+    x, where = featrows.open_rows(store)
+    got = (x, store.targets)
     console.print(
         f"[dim]{data.name}/{data.split}: {len(store)} features ({time.perf_counter() - t0:.1f}s, {cache.path(key)})"
         + (", read from the store in blocks" if where == "stream" else "")

@@ -180,3 +180,14 @@ def choose_memory(mode: str, nbytes: int) -> tuple[str, str]:
     if fits_in_memory(IN_MEMORY_COPIES * nbytes):
         return "memory", f"auto: {size} fit in memory"
     return "stream", f"auto: {size} x {IN_MEMORY_COPIES} copies exceed half the available memory"
+
+
+def rows_of(store: StoredFeatures, where: str) -> Rows:
+    """The features of an opened store entry as the head reads them: loaded (``"memory"``) or stored rows."""
+    return store.load()[0] if where == "memory" else StoredRows.of(store)
+
+
+def open_rows(store: StoredFeatures, mode: str = "auto") -> tuple[Rows, str]:
+    """The features of one store entry for ``--feature-memory mode`` (:func:`choose_memory`) and where they are."""
+    where, _ = choose_memory(mode, store.nbytes)
+    return rows_of(store, where), where

@@ -166,8 +166,7 @@ def predict_paths(
     )
     if store is None:
         return None
-    where, _ = featrows.choose_memory("auto", store.nbytes)
-    x = store.load()[0] if where == "memory" else featrows.StoredRows.of(store)
+    x, _ = featrows.open_rows(store)
     logits = head_logits(model.head, x) if len(paths) else torch.zeros(0, model.num_classes)
     bad = store.targets.bool()
     logits[bad] = float("nan")

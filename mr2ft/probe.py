@@ -317,7 +317,7 @@ def get_features(cfg: ProbeConfig, bb, splits, console: Console) -> tuple[dict[s
     where, why = featrows.choose_memory(cfg.feature_memory, sum(s.nbytes for s in stores.values() if s is not None))
     out: dict[str, Features | None] = {}
     for name, s in stores.items():
-        rows = None if s is None else s.load() if where == "memory" else (featrows.StoredRows.of(s), s.targets)
+        rows = None if s is None else (featrows.rows_of(s, where), s.targets)
         out[name] = None if rows is None else Features(*rows)
     if any(s is not None for s in stores.values()):
         console.print(f"[dim]features for the head: {'in memory' if where == 'memory' else 'streamed'} ({why})[/dim]")
